@@ -1,0 +1,10 @@
+"""mue: MuE multiple exiting for OFA-style vision-language models, as a fairseq plugin.
+
+Importing the package (fairseq's `--user-dir mue`, or `import mue`) applies the documented
+compatibility patches once and registers the model, tasks and criteria with fairseq.
+"""
+from . import compat
+
+compat.apply()
+
+from . import criterions, models  # noqa: E402,F401  (registration)

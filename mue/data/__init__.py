@@ -1,0 +1,1 @@
+"""Data layer: dictionaries, BPE, image transforms, raw readers, datasets, synthetic scenes."""

@@ -1,0 +1,41 @@
+"""A raw record of what an exiting model actually ran, written by the encoder and decoder and read
+by ExitStats (layers, Eq. 14, FLOPs). Kept raw so accounting lives in one place."""
+from dataclasses import dataclass, field
+from typing import List
+
+import torch
+
+
+@dataclass
+class EncoderRecord:
+    image_depths: torch.Tensor  # [B] layers run by each row's image stream (0: no image)
+    text_depths: torch.Tensor  # [B] layers run by each row's text stream
+    image_tokens: torch.Tensor  # [B] real image tokens per row
+    text_tokens: torch.Tensor  # [B] real text tokens per row
+    joint: bool  # one stream over [image; text] (depths equal)
+    image_hw: tuple  # (H, W) pixels of the input images, () without images
+
+
+@dataclass
+class DecoderStepRecord:
+    depths: torch.Tensor  # [B] layers run for this step's token in each row
+    n_past: int  # positions attended by self-attention (this one included)
+    n_src: torch.Tensor  # [B] encoder positions attended by cross-attention
+    kv_filled: int  # (row, layer) key/value entries computed for skipped layers
+
+
+@dataclass
+class ExitTrace:
+    encoder: List[EncoderRecord] = field(default_factory=list)
+    decoder: List[DecoderStepRecord] = field(default_factory=list)
+
+    def clear(self):
+        self.encoder.clear()
+        self.decoder.clear()
+
+    def add_encoder(self, image_depths, text_depths, image_tokens, text_tokens, joint: bool, image_hw=()):
+        tensors = (t.detach().cpu() for t in (image_depths, text_depths, image_tokens, text_tokens))
+        self.encoder.append(EncoderRecord(*tensors, joint, tuple(image_hw)))
+
+    def add_decoder_step(self, depths, n_past: int, n_src, kv_filled: int):
+        self.decoder.append(DecoderStepRecord(depths.detach().cpu(), int(n_past), n_src.detach().cpu(), int(kv_filled)))

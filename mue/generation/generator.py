@@ -1,0 +1,66 @@
+"""fairseq's beam search / greedy decoding, with MuE's exits switched on for the duration.
+
+fairseq's SequenceGenerator keeps its own batching, beams, length limits and n-gram blocking; the
+model does the per-row exits inside each call (encoder streams, then one decoder layer stack per
+step). This class only attaches the exit settings with the decoder threshold schedule sized for the
+batch's maximum length N, times the call, and turns what ran into ExitStats.
+"""
+import time
+
+from fairseq.sequence_generator import SequenceGenerator
+
+from mue.exiting.accounting import account, model_sizes, new_stats
+from mue.exiting.schedule import ThresholdSchedule
+from mue.exiting.settings import ExitSettings
+from mue.exiting.trace import ExitTrace
+
+
+def exit_settings_from_cfg(cfg) -> dict:
+    """The exit knobs of a task config, as keyword arguments for MueSequenceGenerator."""
+    return {
+        "img_thres": cfg.img_thres,
+        "txt_thres": cfg.txt_thres,
+        "dec_thres": cfg.dec_thres,
+        "dec_schedule": cfg.dec_schedule,
+        "dec_decay_beta": cfg.dec_decay_beta,
+        "dec_decay_tau": cfg.dec_decay_tau,
+        "kv_policy": cfg.kv_policy,
+    }
+
+
+def make_settings(img_thres=1.0, txt_thres=1.0, dec_thres=1.0, dec_schedule="constant", dec_decay_beta=0.95,
+                  dec_decay_tau=1.0, kv_policy="copy", max_len=1, trace=None) -> ExitSettings:
+    """ExitSettings with a decoder schedule over N = max_len steps."""
+    schedule = ThresholdSchedule.from_args(dec_schedule, float(dec_thres), dec_decay_beta, dec_decay_tau, max(1, max_len))
+    return ExitSettings(img_thres=img_thres, txt_thres=txt_thres,
+                        dec_schedule=None if schedule.never_exits else schedule, kv_policy=kv_policy, trace=trace)
+
+
+class MueSequenceGenerator(SequenceGenerator):
+    def __init__(self, models, tgt_dict, exit_kwargs=None, **kwargs):
+        super().__init__(models, tgt_dict, **kwargs)
+        self.exit_kwargs = dict(exit_kwargs or {})
+        make_settings(**self.exit_kwargs)  # validate the knobs now, not at the first batch
+        self.mue_models = list(models)
+        self.sizes = model_sizes(self.mue_models[0])
+        self.stats = new_stats(self.mue_models[0])
+
+    def reset_stats(self):
+        self.stats = new_stats(self.mue_models[0])
+
+    def _generate(self, sample, prefix_tokens=None, constraints=None, bos_token=None):
+        src_len = int(sample["net_input"]["src_tokens"].size(1))
+        max_len = min(int(self.max_len_a * src_len + self.max_len_b), self.max_len - 1)
+        trace = ExitTrace()
+        settings = make_settings(**self.exit_kwargs, max_len=max_len, trace=trace)
+        for model in self.mue_models:
+            model.set_exit_settings(settings)
+        try:
+            start = time.perf_counter()
+            hypos = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints, bos_token=bos_token)
+            self.stats.add_time(time.perf_counter() - start)
+        finally:
+            for model in self.mue_models:
+                model.set_exit_settings(None)
+        account(self.stats, trace, self.sizes)
+        return hypos

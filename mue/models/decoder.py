@@ -1,0 +1,241 @@
+"""OFA's decoder with per-row early exit.
+
+Teacher-forced (parallel) calls run every position through the layers; a position that exited keeps
+its hidden state, so later layers see keys/values computed from it (the `copy` semantics). Cached
+(incremental) calls decode one token per row: rows that exited are dropped from the later layers'
+batches, and the keys/values those layers need for the skipped position are handled by the KV
+policy: `copy` computes them from the exited state now, `recompute` computes the same values later
+and only if a later token reaches that layer, `drop` leaves a masked hole (the reference's choice,
+kept for comparison; positions stay aligned).
+"""
+from typing import Any, Dict, List, Optional
+
+import torch
+from fairseq.models import FairseqIncrementalDecoder
+from torch import nn
+
+from .layers import DecoderLayer
+from .positions import attention_bias, token_bucket_table
+
+
+class MueDecoder(FairseqIncrementalDecoder):
+    def __init__(self, cfg, dictionary, embed_tokens: nn.Embedding):
+        super().__init__(dictionary)
+        dim, heads = cfg.decoder_embed_dim, cfg.decoder_attention_heads
+        self.heads, self.padding_idx = heads, dictionary.pad()
+        self.pos_scaling = (dim / heads * cfg.attn_scale_factor) ** -0.5
+        self.max_target_positions = cfg.max_target_positions
+        self.exit_settings = None  # set for inference by MueOFAModel.set_exit_settings
+
+        self.embed_tokens = embed_tokens
+        self.layernorm_embedding = nn.LayerNorm(dim)
+        self.embed_positions = nn.Embedding(cfg.max_target_positions + 2, dim)
+        self.pos_ln = nn.LayerNorm(dim)
+        self.self_pos_q_linear = nn.Linear(dim, dim)
+        self.self_pos_k_linear = nn.Linear(dim, dim)
+        self.cross_pos_q_linear = nn.Linear(dim, dim)
+        self.cross_pos_k_linear = nn.Linear(dim, dim)
+        # image-code generation parts of OFA: kept so official checkpoints load, unused by MuE's tasks
+        self.embed_image_positions = nn.Embedding(cfg.image_bucket_size**2 + 1, dim)
+        self.image_pos_ln = nn.LayerNorm(dim)
+        self.code_layernorm_embedding = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(cfg.dropout)
+        rates = torch.linspace(0, cfg.decoder_drop_path_rate, cfg.decoder_layers).tolist()
+        self.layers = nn.ModuleList(
+            DecoderLayer(dim, cfg.decoder_ffn_embed_dim, heads, cfg.dropout, cfg.attention_dropout,
+                         cfg.activation_dropout, rate)
+            for rate in rates
+        )
+        self.layer_norm = nn.LayerNorm(dim)
+        self.output_projection = nn.Linear(dim, len(dictionary), bias=False)
+        self.output_projection.weight = embed_tokens.weight
+        n_token_buckets = 2 * cfg.token_bucket_size - 1
+        n_image_buckets = (2 * cfg.image_bucket_size - 1) ** 2 + 3
+        self.token_rel_pos_table_list = nn.ModuleList(nn.Embedding(n_token_buckets, heads) for _ in self.layers)
+        self.image_rel_pos_table_list = nn.ModuleList(nn.Embedding(n_image_buckets, heads) for _ in self.layers)
+        self.register_buffer("token_rp_bucket", token_bucket_table(cfg.token_bucket_size, cfg.max_target_positions), persistent=False)
+
+    # ---- pieces --------------------------------------------------------------------------------
+    def project(self, states: torch.Tensor) -> torch.Tensor:
+        """Hidden states of any layer -> vocabulary logits (shared final LayerNorm, tied projection)."""
+        return self.output_projection(self.layer_norm(states))
+
+    def output_layer(self, features):
+        return self.output_projection(features)
+
+    def _target_positions(self, length):
+        if length > self.max_target_positions:
+            raise ValueError(f"mue_ofa: {length} target tokens exceed --max-target-positions {self.max_target_positions}")
+        return self.pos_ln(self.embed_positions.weight[:length])
+
+    def _self_bias(self, idx, length, abs_bias, last_only):
+        buckets = self.token_rp_bucket[:length, :length]
+        if last_only:
+            buckets = buckets[-1:]
+        return abs_bias + self.token_rel_pos_table_list[idx](buckets).permute(2, 0, 1)
+
+    def _cross_bias(self, tgt_positions, encoder_out):
+        src_positions = encoder_out["position_embeddings"][0][0]  # identical for every row
+        return attention_bias(self.cross_pos_q_linear(tgt_positions), self.cross_pos_k_linear(src_positions),
+                              self.heads, self.pos_scaling)[None]
+
+    def _embed(self, tokens):
+        return self.dropout(self.layernorm_embedding(self.embed_tokens(tokens)))
+
+    # ---- forward -------------------------------------------------------------------------------
+    def forward(self, prev_output_tokens, encoder_out=None, incremental_state=None, features_only=False,
+                return_all_hiddens=False, forced_depths=None, **unused):
+        if encoder_out is None:
+            raise ValueError("mue_ofa's decoder needs encoder_out")
+        if incremental_state is not None:
+            x, extra = self._step(prev_output_tokens, encoder_out, incremental_state)
+        else:
+            x, extra = self._parallel(prev_output_tokens, encoder_out, forced_depths)
+        x = self.layer_norm(x)
+        return (x if features_only else self.output_projection(x)), extra
+
+    def extract_features(self, prev_output_tokens, encoder_out=None, incremental_state=None, **kwargs):
+        return self.forward(prev_output_tokens, encoder_out, incremental_state, features_only=True, **kwargs)
+
+    def _parallel(self, tokens, encoder_out, forced_depths=None):
+        """All positions at once (training, scoring). Exits freeze a position's state."""
+        bsz, length = tokens.shape
+        settings = self.exit_settings
+        positions = self._target_positions(length)
+        abs_bias = attention_bias(self.self_pos_q_linear(positions), self.self_pos_k_linear(positions),
+                                  self.heads, self.pos_scaling)
+        cross_bias = self._cross_bias(positions, encoder_out)
+        enc = encoder_out["encoder_out"][0].transpose(0, 1)
+        cross_blocked = encoder_out["encoder_padding_mask"][0][:, None, None, :]
+        blocked = torch.ones(length, length, dtype=torch.bool, device=tokens.device).triu(1)[None, None]
+        padding = tokens.eq(self.padding_idx)
+        if padding.any():
+            blocked = blocked | padding[:, None, None, :]
+
+        x = self._embed(tokens)
+        inner_states: List[torch.Tensor] = [x.transpose(0, 1)]
+        thresholds = None
+        if settings is not None and forced_depths is None:
+            thresholds = torch.tensor([settings.dec_threshold(t) for t in range(length)], device=x.device)
+            if bool((thresholds >= 1.0).all()):
+                thresholds = None
+        exiting = forced_depths is not None or thresholds is not None
+        active = torch.ones(bsz, length, dtype=torch.bool, device=x.device)
+        depths = torch.zeros(bsz, length, dtype=torch.long, device=x.device)
+        layer_blocked = blocked
+        for idx, layer in enumerate(self.layers):
+            if exiting and settings is not None and settings.kv_policy == "drop":
+                layer_blocked = blocked | ~active[:, None, None, :]
+            k, v = layer.self_kv(x)
+            ck, cv = layer.cross_kv(enc)
+            out = layer(x, k, v, self._self_bias(idx, length, abs_bias, False)[None], layer_blocked,
+                        ck, cv, cross_bias, cross_blocked)
+            depths += active.long()
+            if exiting:
+                out = torch.where(active[..., None], out, x)
+                if forced_depths is not None:
+                    stop = forced_depths <= idx + 1
+                else:
+                    similarity = settings.policy.similarity(out.flatten(0, 1)[:, None], x.flatten(0, 1)[:, None]).view(bsz, length)
+                    stop = similarity > thresholds
+                active = active & ~stop
+            x = out
+            inner_states.append(x.transpose(0, 1))
+        if settings is not None and settings.trace is not None:
+            n_src = (~encoder_out["encoder_padding_mask"][0]).sum(1)
+            for t in range(length):
+                settings.trace.add_decoder_step(depths[:, t], t + 1, n_src, 0)
+        return x, {"attn": [None], "inner_states": inner_states, "exit_depths": depths}
+
+    def _step(self, tokens, encoder_out, incremental_state):
+        """One new token per row, with per-row exits and the KV policy for skipped layers."""
+        settings = self.exit_settings
+        policy_name = settings.kv_policy if settings is not None else "copy"
+        cache = self.get_incremental_state(incremental_state, "cache") or {}
+        bsz, length = tokens.shape
+        step = length - 1
+        enc = encoder_out["encoder_out"][0].transpose(0, 1)
+        enc_padding = encoder_out["encoder_padding_mask"][0]
+        if "ck0" not in cache:
+            for idx, layer in enumerate(self.layers):
+                cache[f"ck{idx}"], cache[f"cv{idx}"] = layer.cross_kv(enc)
+        positions = self._target_positions(length)
+        abs_bias = attention_bias(self.self_pos_q_linear(positions[-1:]), self.self_pos_k_linear(positions),
+                                  self.heads, self.pos_scaling)
+        cross_bias = self._cross_bias(positions[-1:], encoder_out)
+        threshold = settings.dec_threshold(step) if settings is not None else 1.0
+
+        x = self._embed(tokens[:, -1:])
+        everyone = torch.arange(bsz, device=x.device)
+        active = everyone
+        depths = torch.zeros(bsz, dtype=torch.long, device=x.device)
+        kv_filled = 0
+        for idx, layer in enumerate(self.layers):
+            full = active.numel() == bsz
+            inputs = x if full else x[active]
+            k_new, v_new = layer.self_kv(inputs)
+            hole_new = torch.zeros(bsz, 1, dtype=torch.bool, device=x.device)
+            if not full:
+                exited = everyone[~torch.isin(everyone, active)]
+                k_all = k_new.new_zeros(bsz, *k_new.shape[1:]).index_copy(0, active, k_new)
+                v_all = v_new.new_zeros(bsz, *v_new.shape[1:]).index_copy(0, active, v_new)
+                if policy_name == "copy":
+                    k_ex, v_ex = layer.self_kv(x[exited])
+                    k_all, v_all = k_all.index_copy(0, exited, k_ex), v_all.index_copy(0, exited, v_ex)
+                    kv_filled += exited.numel()
+                else:
+                    hole_new[exited] = True
+                k_new, v_new = k_all, v_all
+            self._append(cache, f"k{idx}", k_new, 2)
+            self._append(cache, f"v{idx}", v_new, 2)
+            if policy_name != "copy":
+                self._append(cache, f"hole{idx}", hole_new, 1)
+                if policy_name == "recompute":
+                    kv_filled += self._fill_holes(cache, idx, layer, active)
+            keys, values = cache[f"k{idx}"], cache[f"v{idx}"]
+            cross_k, cross_v = cache[f"ck{idx}"], cache[f"cv{idx}"]
+            blocked = cache[f"hole{idx}"][:, None, None, :] if policy_name == "drop" else None
+            if not full:
+                keys, values, cross_k, cross_v = (t[active] for t in (keys, values, cross_k, cross_v))
+                blocked = None if blocked is None else blocked[active]
+            out = layer(inputs, keys, values, self._self_bias(idx, length, abs_bias, True)[None], blocked,
+                        cross_k, cross_v, cross_bias, enc_padding[active][:, None, None, :])
+            depths[active] += 1
+            x = out if full else x.index_copy(0, active, out)
+            if threshold < 1.0 and idx < len(self.layers) - 1:
+                similarity = settings.policy.similarity(out, inputs)
+                active = active[~settings.policy.should_exit(similarity, threshold)]
+        if policy_name == "recompute":
+            self._append(cache, "h_exit", x, 1)
+        self.set_incremental_state(incremental_state, "cache", cache)
+        if settings is not None and settings.trace is not None:
+            settings.trace.add_decoder_step(depths, length, (~enc_padding).sum(1), kv_filled)
+        return x, {"attn": [None], "inner_states": [x.transpose(0, 1)], "exit_depths": depths[:, None]}
+
+    @staticmethod
+    def _append(cache, key, value, dim):
+        cache[key] = value if key not in cache else torch.cat([cache[key], value], dim)
+
+    @staticmethod
+    def _fill_holes(cache, idx, layer, active) -> int:
+        """`recompute`: compute the missing keys/values this layer's active rows are about to read."""
+        holes = cache[f"hole{idx}"]
+        rows_holes = holes[active]
+        if not rows_holes.any():
+            return 0
+        row_idx, pos_idx = rows_holes.nonzero(as_tuple=True)
+        rows = active[row_idx]
+        k, v = layer.self_kv(cache["h_exit"][rows, pos_idx][:, None])
+        cache[f"k{idx}"][rows, :, pos_idx] = k[:, :, 0]
+        cache[f"v{idx}"][rows, :, pos_idx] = v[:, :, 0]
+        holes[rows, pos_idx] = False
+        return int(rows.numel())
+
+    def reorder_incremental_state(self, incremental_state: Dict[str, Dict[str, Optional[torch.Tensor]]], new_order):
+        cache = self.get_incremental_state(incremental_state, "cache")
+        if cache:
+            cache = {key: value.index_select(0, new_order) for key, value in cache.items()}
+            self.set_incremental_state(incremental_state, "cache", cache)
+
+    def max_positions(self):
+        return self.max_target_positions

