@@ -282,3 +282,20 @@ def test_readers_pickle_for_dataloader_workers(tmp_path):
     assert reader[0]["uniq_id"] == "u1"  # opens the file handle
     clone = pickle.loads(pickle.dumps(reader))
     assert clone[1]["uniq_id"] == "u2" and clone[1]["image"].getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_image_transform_on_a_record(tmp_path):
+    import pickle
+    import torch
+    from mue.data.transforms import image_transform
+    path = write(tmp_path / "c.tsv", [f"u1\ti1\tcap\tl\t{RED}"])
+    image = OfaCaptionTsv(path)[0]["image"]
+    t = image_transform(16)
+    x = t(image)
+    assert x.shape == (3, 16, 16) and x.dtype == torch.float32
+    assert torch.allclose(x[:, 8, 8], torch.tensor([1.0, -1.0, -1.0]))
+    gray = t(Image.new("L", (7, 3), 255))
+    assert gray.shape == (3, 16, 16) and torch.allclose(gray, torch.ones_like(gray))
+    aug = pickle.loads(pickle.dumps(image_transform(16, train=True, augment=True)))
+    assert aug(image).shape == (3, 16, 16)
+    assert torch.equal(image_transform(16, train=True)(image), x)  # no augmentation unless asked

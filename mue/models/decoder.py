@@ -15,7 +15,7 @@ from fairseq.models import FairseqIncrementalDecoder
 from torch import nn
 
 from .layers import DecoderLayer
-from .positions import attention_bias, token_bucket_table
+from .positions import OFA_BUCKET_POSITIONS, attention_bias, token_bucket_table
 
 
 class MueDecoder(FairseqIncrementalDecoder):
@@ -53,7 +53,7 @@ class MueDecoder(FairseqIncrementalDecoder):
         n_image_buckets = (2 * cfg.image_bucket_size - 1) ** 2 + 3
         self.token_rel_pos_table_list = nn.ModuleList(nn.Embedding(n_token_buckets, heads) for _ in self.layers)
         self.image_rel_pos_table_list = nn.ModuleList(nn.Embedding(n_image_buckets, heads) for _ in self.layers)
-        self.register_buffer("token_rp_bucket", token_bucket_table(cfg.token_bucket_size, cfg.max_target_positions), persistent=False)
+        self.register_buffer("token_rp_bucket", token_bucket_table(cfg.token_bucket_size, OFA_BUCKET_POSITIONS), persistent=False)
 
     # ---- pieces --------------------------------------------------------------------------------
     def project(self, states: torch.Tensor) -> torch.Tensor:

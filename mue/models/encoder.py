@@ -12,7 +12,7 @@ from fairseq.models import FairseqEncoder
 from torch import nn
 
 from .layers import EncoderLayer
-from .positions import attention_bias, image_bucket_table, image_position_ids, token_bucket_table
+from .positions import OFA_BUCKET_POSITIONS, attention_bias, image_bucket_table, image_position_ids, token_bucket_table
 from .resnet import ResNetStem
 
 ENCODER_MODES = ("joint", "decomposed")
@@ -55,7 +55,7 @@ class MueEncoder(FairseqEncoder):
         self.token_rel_pos_table_list = nn.ModuleList(nn.Embedding(n_token_buckets, heads) for _ in self.layers)
         self.image_rel_pos_table_list = nn.ModuleList(nn.Embedding(n_image_buckets, heads) for _ in self.layers)
         # derived tables: recomputed here, never saved or loaded
-        self.register_buffer("token_rp_bucket", token_bucket_table(cfg.token_bucket_size, cfg.max_source_positions), persistent=False)
+        self.register_buffer("token_rp_bucket", token_bucket_table(cfg.token_bucket_size, OFA_BUCKET_POSITIONS), persistent=False)
         self.register_buffer("image_rp_bucket", image_bucket_table(cfg.image_bucket_size), persistent=False)
 
     # ---- embeddings -------------------------------------------------------------------------
@@ -158,6 +158,9 @@ class MueEncoder(FairseqEncoder):
             image_pad = text_pad.new_zeros(bsz, 0)
             image_pos, image_ids = text_pos.new_zeros(0, text_pos.size(-1)), None
         else:
+            if patch_images.size(0) != bsz or (patch_masks is not None and patch_masks.numel() != bsz):
+                raise ValueError(f"mue_ofa: {bsz} rows of src_tokens but patch_images has {patch_images.size(0)} "
+                                 f"and patch_masks {None if patch_masks is None else patch_masks.numel()}")
             image_x, image_pad, image_pos, image_ids = self.embed_image(patch_images, patch_masks)
         n_image = image_x.size(1)
         with_image = ~image_pad.all(dim=1) if n_image else torch.zeros(bsz, dtype=torch.bool, device=text_x.device)

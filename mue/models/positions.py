@@ -7,6 +7,10 @@ import math
 
 import torch
 
+# OFA always lays its 1D buckets out over 1024 positions (the log-spaced ones depend on it),
+# whatever the model's maximum source/target length.
+OFA_BUCKET_POSITIONS = 1024
+
 
 def token_bucket_table(bucket_size: int = 256, max_position: int = 1024) -> torch.Tensor:
     """[max_position, max_position] bucket ids for 1D text offsets (query minus key).

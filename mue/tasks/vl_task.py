@@ -1,0 +1,316 @@
+"""The shared base of mue's vision-language tasks: config, dictionary, data loading, evaluation rules.
+
+What the base owns:
+  * ``VisionLanguageConfig``: data location and format, text/image sizes, dictionary, and the inference
+    exit knobs (validated at setup);
+  * ``setup_task``: one dictionary for source and target (``build_ofa_dictionary``: OFA's dict.txt or the
+    data's own), the GPT-2 BPE ``Tokenizer``, a check that the task's prompt and answers are in the dict;
+  * ``load_dataset``: picks the reader by ``--data-format`` and wraps it in the task's dataset;
+  * evaluation scores every example: non-training iterators use a batch-size multiple of 1 and are
+    checked to cover the whole split; validation and generation count the evaluated examples, log at the
+    split's last batch whether all were evaluated (an error otherwise), and validation logs the count as
+    ``eval_examples``;
+  * ``make_generator``: the ONE place that chooses the generator (mue.generation's exit-aware generator
+    when installed, else fairseq's SequenceGenerator, which refuses exit thresholds < 1);
+  * ``build_bpe``: fairseq-generate decodes BPE ids to text with the task's tokenizer (no --bpe needed).
+"""
+import importlib.util
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+from fairseq.logging import metrics
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.tasks import FairseqTask
+from omegaconf import II
+
+from mue.data.dictionary import build_ofa_dictionary
+from mue.data.readers import CocoCaptionJson, DataError, OfaCaptionTsv, OfaSnliVeTsv, SnliVeJsonl
+from mue.data.tokenizer import Tokenizer
+from mue.exiting.policy import NEVER_EXIT, validate_threshold
+from mue.exiting.schedule import SCHEDULE_KINDS
+
+logger = logging.getLogger(__name__)
+
+DATA_FORMATS = ("auto", "tsv", "coco", "snli_jsonl")
+KV_POLICIES = ("copy", "recompute", "drop")
+EXIT_THRESHOLDS = ("img_thres", "txt_thres", "dec_thres")
+
+
+@dataclass
+class VisionLanguageConfig(FairseqDataclass):
+    data: Optional[str] = field(
+        default=None, metadata={"help": "data directory; split files are {data}/{split}.tsv (or see --data-format)"})
+    data_format: ChoiceEnum(DATA_FORMATS) = field(
+        default="auto", metadata={"help": "tsv: OFA TSV {data}/{split}.tsv; coco: --coco-json + --image-dir "
+                                          "(caption); snli_jsonl: {data}/snli_ve_{train,dev,test}.jsonl + "
+                                          "--image-dir (SNLI-VE); auto: the first that exists"})
+    image_dir: Optional[str] = field(default=None, metadata={"help": "image folder (coco, snli_jsonl)"})
+    coco_json: Optional[str] = field(
+        default=None, metadata={"help": "Karpathy dataset_coco.json or a COCO annotation json (coco)"})
+    selected_cols: Optional[str] = field(
+        default=None, metadata={"help": "OFA-style TSV column selection, e.g. '0,4,2' (tsv)"})
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "leave out malformed rows (counted, one warning) instead of failing"})
+    dict_file: Optional[str] = field(
+        default=None, metadata={"help": "fairseq dict.txt of BPE ids (OFA's works); default {data}/dict.txt "
+                                        "or {data}/../dict.txt"})
+    num_codes: int = field(default=8192, metadata={"help": "image-code symbols appended to the dictionary"})
+    num_bins: int = field(default=1000, metadata={"help": "location-bin symbols appended to the dictionary"})
+    max_src_length: int = field(default=80, metadata={"help": "max words of source text (hypothesis, premise)"})
+    max_tgt_length: int = field(default=20, metadata={"help": "max words of a target caption"})
+    patch_image_size: int = field(default=480, metadata={"help": "images are resized to this square side"})
+    # inference exit knobs (thresholds >= 1 never exit)
+    img_thres: float = field(default=1.0, metadata={"help": "image-stream exit threshold (>= 1: never)"})
+    txt_thres: float = field(default=1.0, metadata={"help": "text-stream exit threshold (>= 1: never)"})
+    dec_thres: float = field(default=1.0, metadata={"help": "decoder exit threshold theta (>= 1: never)"})
+    dec_schedule: ChoiceEnum(SCHEDULE_KINDS) = field(
+        default="constant", metadata={"help": "decoder threshold over steps: constant, decay (paper) or "
+                                              "reference (the public MuE code)"})
+    dec_decay_beta: float = field(default=0.95, metadata={"help": "beta of the decay schedule"})
+    dec_decay_tau: float = field(default=1.0, metadata={"help": "tau of the decay schedule"})
+    kv_policy: ChoiceEnum(KV_POLICIES) = field(
+        default="copy", metadata={"help": "keys/values of decoder layers a token skipped: copy, recompute, drop"})
+    eval_print_samples: bool = field(default=False, metadata={"help": "log one prediction per validation batch"})
+    eval_results: Optional[str] = field(
+        default=None, metadata={"help": "json file for the predictions and scores of an evaluation split, "
+                                        "written when fairseq-generate has scored the whole split"})
+    train_subset: str = II("dataset.train_subset")
+    seed: int = II("common.seed")
+
+
+def validate_exit_options(cfg) -> None:
+    """Raise ValueError naming the option (e.g. --img-thres) when an exit knob is invalid."""
+    for name in EXIT_THRESHOLDS:
+        validate_threshold(getattr(cfg, name), "--" + name.replace("_", "-"))
+    beta, tau = float(cfg.dec_decay_beta), float(cfg.dec_decay_tau)
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"--dec-decay-beta must be in [0, 1], got {cfg.dec_decay_beta!r}")
+    if not tau >= 0.0 or tau == float("inf"):
+        raise ValueError(f"--dec-decay-tau must be a finite number >= 0, got {cfg.dec_decay_tau!r}")
+
+
+def exits_requested(cfg) -> bool:
+    return any(float(getattr(cfg, name)) < NEVER_EXIT for name in EXIT_THRESHOLDS)
+
+
+def resolve_dict_file(cfg) -> str:
+    """--dict-file, else {data}/dict.txt, else {data}/../dict.txt; a clear error naming what was tried."""
+    if cfg.dict_file:
+        if not os.path.isfile(cfg.dict_file):
+            raise DataError(f"--dict-file {cfg.dict_file}: file not found")
+        return cfg.dict_file
+    tried = [os.path.join(cfg.data, "dict.txt"), os.path.join(cfg.data, os.pardir, "dict.txt")]
+    for path in tried:
+        if os.path.isfile(path):
+            return os.path.normpath(path)
+    raise DataError(f"no dictionary found: tried {', '.join(os.path.normpath(p) for p in tried)}; "
+                    "give --dict-file (OFA's dict.txt or the data's own)")
+
+
+class _BpeDecoder:
+    """What fairseq-generate's ``decode_fn`` needs: BPE-id strings (from ``Dictionary.string``) -> text."""
+
+    def __init__(self, tokenizer: Tokenizer, dictionary):
+        self.tokenizer, self.dict = tokenizer, dictionary
+
+    def decode(self, x: str) -> str:
+        return self.tokenizer.decode([self.dict.index(t) for t in x.split()], self.dict).strip()
+
+
+class VisionLanguageTask(FairseqTask):
+    """Base of ``mue_snli_ve`` and ``mue_caption`` (see the module docstring).
+
+    Subclasses set ``TSV_READER`` and implement ``build_dataset(split, reader, is_train)`` and
+    ``check_dictionary(path)``.
+    """
+
+    TSV_READER = None
+    JSONL_NAMES = ()  # snli_jsonl file names per split, "{split}" filled in
+
+    def __init__(self, cfg: VisionLanguageConfig, dictionary, tokenizer: Tokenizer):
+        super().__init__(cfg)
+        self.dict = dictionary
+        self.tokenizer = tokenizer
+        self._eval_progress = {}
+
+    @classmethod
+    def setup_task(cls, cfg: VisionLanguageConfig, **kwargs):
+        validate_exit_options(cfg)
+        if not cfg.data:
+            raise DataError(f"task {cls.__name__}: the data directory (first positional argument) is required")
+        if not os.path.isdir(cfg.data):
+            raise DataError(f"data directory {cfg.data}: not found")
+        dict_path = resolve_dict_file(cfg)
+        try:
+            dictionary = build_ofa_dictionary(dict_path, cfg.num_codes, cfg.num_bins)
+        except DataError:
+            raise
+        except Exception as e:  # fairseq's own parse errors, made to name the file
+            raise DataError(f"{dict_path}: cannot load the dictionary: {e}") from e
+        logger.info("dictionary %s: %d entries", dict_path, len(dictionary))
+        task = cls(cfg, dictionary, Tokenizer())
+        task.check_dictionary(dict_path)
+        return task
+
+    def check_dictionary(self, path: str) -> None:
+        """Raise DataError if the task's fixed texts (prompt, answers) are not in the dictionary."""
+        raise NotImplementedError
+
+    @property
+    def source_dictionary(self):
+        return self.dict
+
+    @property
+    def target_dictionary(self):
+        return self.dict
+
+    # ---- data ------------------------------------------------------------------------------
+    def split_files(self, split: str):
+        """{format: path} of the files that can hold ``split`` (the ones that exist)."""
+        cfg = self.cfg
+        found = {}
+        tsv = os.path.join(cfg.data, f"{split}.tsv")
+        if os.path.isfile(tsv):
+            found["tsv"] = tsv
+        if cfg.coco_json and self.TSV_READER is OfaCaptionTsv:
+            found["coco"] = cfg.coco_json
+        for name in self.JSONL_NAMES:
+            path = os.path.join(cfg.data, name.format(split={"valid": "dev"}.get(split, split)))
+            if os.path.isfile(path):
+                found.setdefault("snli_jsonl", path)
+        return found
+
+    def open_reader(self, split: str):
+        cfg = self.cfg
+        found = self.split_files(split)
+        fmt = cfg.data_format
+        if fmt == "auto":
+            fmt = next((f for f in ("tsv", "coco", "snli_jsonl") if f in found), None)
+        if fmt not in found:
+            expected = {"tsv": os.path.join(cfg.data, f"{split}.tsv"),
+                        "coco": "--coco-json (caption task only)",
+                        "snli_jsonl": " or ".join(os.path.join(cfg.data, n.format(split={"valid": "dev"}.get(split, split)))
+                                                  for n in self.JSONL_NAMES) or "(SNLI-VE task only)"}
+            wanted = [expected[f] for f in (("tsv", "coco", "snli_jsonl") if fmt is None else (fmt,))]
+            raise DataError(f"split {split!r}: no data file found (format {cfg.data_format}); expected "
+                            + "; ".join(wanted))
+        if fmt in ("coco", "snli_jsonl") and not cfg.image_dir:
+            raise DataError(f"split {split!r}: --data-format {fmt} needs --image-dir")
+        path = found[fmt]
+        if fmt == "tsv":
+            return self.TSV_READER(path, selected_cols=cfg.selected_cols, skip_bad=cfg.skip_bad_rows)
+        if fmt == "coco":
+            karpathy = {"valid": "val"}.get(split, split)
+            return CocoCaptionJson(path, cfg.image_dir, split=karpathy, include_restval=split == cfg.train_subset,
+                                   per_caption=split == cfg.train_subset, skip_bad=cfg.skip_bad_rows)
+        return SnliVeJsonl(path, cfg.image_dir, skip_bad=cfg.skip_bad_rows)
+
+    def load_dataset(self, split: str, epoch: int = 1, combine: bool = False, **kwargs):
+        reader = self.open_reader(split)
+        if len(reader) == 0:
+            raise DataError(f"split {split!r}: {getattr(reader, 'path', '')} holds no examples")
+        is_train = split == self.cfg.train_subset
+        self.datasets[split] = self.build_dataset(split, reader, is_train)
+        logger.info("%s: %d examples from %s", split, len(reader), getattr(reader, "path", "?"))
+
+    def build_dataset(self, split: str, reader, is_train: bool):
+        raise NotImplementedError
+
+    def dataset_kwargs(self, is_train: bool) -> dict:
+        cfg = self.cfg
+        return dict(patch_image_size=cfg.patch_image_size, max_src_length=cfg.max_src_length,
+                    max_tgt_length=cfg.max_tgt_length, is_train=is_train, seed=cfg.seed)
+
+    def get_batch_iterator(self, dataset, **kwargs):
+        """Evaluation iterators score every example: batch-size multiple 1, and a check that the batches
+        cover the whole split (fairseq drops a partial last batch when the multiple is > 1). In a single
+        process, the evaluation steps are then counted (``count_evaluated``) to check the end result."""
+        if getattr(dataset, "is_train", True):
+            return super().get_batch_iterator(dataset, **kwargs)
+        kwargs["required_batch_size_multiple"] = 1
+        epoch_iter = super().get_batch_iterator(dataset, **kwargs)
+        batches = epoch_iter.frozen_batches
+        covered = sum(len(b) for b in batches)
+        if covered != len(dataset):
+            raise RuntimeError(f"split {dataset.split!r}: the batches hold {covered} of {len(dataset)} examples; "
+                               "evaluation must score all (were examples filtered by size?)")
+        if kwargs.get("num_shards", 1) == 1:
+            self._eval_progress[dataset.split] = {"batches": len(batches), "expected": len(dataset),
+                                                  "steps": 0, "seen": 0}
+        else:  # each worker sees a shard: the summed eval_examples metric is the check
+            self._eval_progress.pop(dataset.split, None)
+        return epoch_iter
+
+    def count_evaluated(self, sample) -> Optional[bool]:
+        """Count one evaluated batch; at the split's last batch, log whether every example was evaluated
+        and return that (True/False); before it (or when not counted) return None."""
+        split = sample.get("split")
+        p = self._eval_progress.get(split)
+        if p is None:
+            return None
+        p["steps"] += 1
+        p["seen"] += int(sample["nsentences"])
+        if p["steps"] < p["batches"]:
+            return None
+        seen, expected = p["seen"], p["expected"]
+        p["steps"] = p["seen"] = 0
+        if seen == expected:
+            logger.info("split %r: all %d examples evaluated", split, seen)
+            return True
+        logger.error("split %r: %d of %d examples evaluated", split, seen, expected)
+        return False
+
+    # ---- generation ------------------------------------------------------------------------
+    def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                        prefix_allowed_tokens_fn=None):
+        return self.make_generator(models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra_gen_cls_kwargs,
+                                   prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+
+    def make_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
+                       prefix_allowed_tokens_fn=None):
+        """The one place that chooses the generator.
+
+        With ``mue.generation`` installed: its exit-aware ``MueSequenceGenerator`` with this task's exit
+        knobs. Without it: fairseq's SequenceGenerator, which cannot exit, so thresholds < 1 are refused.
+        """
+        extra = dict(extra_gen_cls_kwargs or {})
+        if seq_gen_cls is None and importlib.util.find_spec("mue.generation") is not None:
+            from mue.generation import MueSequenceGenerator, exit_settings_from_cfg
+
+            seq_gen_cls = MueSequenceGenerator
+            extra["exit_kwargs"] = exit_settings_from_cfg(self.cfg)
+        elif exits_requested(self.cfg):
+            raise ValueError("exit thresholds < 1 (--img-thres/--txt-thres/--dec-thres) need the exit-aware "
+                             "generator of mue.generation, which is not available")
+        return super().build_generator(models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra,
+                                       prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)
+
+    def build_bpe(self, args):
+        return _BpeDecoder(self.tokenizer, self.dict)
+
+    def build_tokenizer(self, args):
+        return None
+
+    def decode(self, tokens) -> str:
+        """Target-side token ids -> text (bos/eos/pad dropped)."""
+        return self.tokenizer.decode(tokens, self.dict).strip()
+
+    # ---- evaluation ------------------------------------------------------------------------
+    def valid_step(self, sample, model, criterion):
+        loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
+        self.count_evaluated(sample)
+        logging_output["_eval_cnt"] = sample["nsentences"]
+        return loss, sample_size, logging_output
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        super().reduce_metrics(logging_outputs, criterion)
+        count = sum(log.get("_eval_cnt", 0) for log in logging_outputs)
+        if count:
+            metrics.log_scalar_sum("_eval_cnt", count)
+            metrics.log_derived("eval_examples", lambda m: int(m["_eval_cnt"].sum))
+
+    def split_size(self, sample) -> Optional[int]:
+        split = sample.get("split")
+        return len(self.datasets[split]) if split in self.datasets else None

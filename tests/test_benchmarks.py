@@ -1,0 +1,100 @@
+"""Smoke tests of scripts/bench_inference.py and scripts/bench_train.py at their --quick setting.
+
+Each script runs in a subprocess, as a user would run it; the tests check the header, the markdown
+table's columns and rows and the JSON rows, never the timings (they depend on the machine).
+"""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = ROOT / "scripts"
+
+
+def run_script(name, *args):
+    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, f"{name} failed:\n{proc.stderr[-3000:]}"
+    return proc.stdout
+
+
+def table(stdout):
+    """The markdown table in stdout: (header cells, list of row cell lists)."""
+    lines = [l for l in stdout.splitlines() if l.startswith("|")]
+    assert len(lines) >= 3, f"no markdown table in:\n{stdout}"
+    cells = [[c.strip() for c in l.strip("|").split("|")] for l in lines]
+    assert set(lines[1].replace("|", "")) == {"-"}, "second table line is not the separator"
+    return cells[0], cells[2:]
+
+
+def check_header(stdout, script):
+    """The exact command line and the machine info come first."""
+    command = next(l for l in stdout.splitlines() if l.startswith("command: "))
+    assert f"scripts/{script} --quick --json" in command
+    machine = next(l for l in stdout.splitlines() if l.startswith("machine: "))
+    assert "threads" in machine and "CPUs" in machine
+
+
+def test_bench_inference_quick(tmp_path):
+    out = tmp_path / "inference.json"
+    stdout = run_script("bench_inference.py", "--quick", "--json", str(out))
+    check_header(stdout, "bench_inference.py")
+    header, rows = table(stdout)
+    data = json.loads(out.read_text())
+    assert header == data["columns"]
+    for column in ("time_s", "img_layers", "txt_layers", "dec_layers", "gflops_spent", "gflops_full",
+                   "speedup_measured", "speedup_flops", "efficiency", "overhead"):
+        assert column in header
+    keys = [(r[header.index("task")], r[header.index("config")]) for r in rows]
+    assert keys == [(t, c) for t in ("caption", "snli_ve") for c in ("full", "bookkeeping", "mue")]
+    assert all(r[header.index("size")] == "micro" for r in rows)
+    assert len(data["rows"]) == len(rows)
+    for row in data["rows"]:
+        assert row["time_s"] > 0
+        assert 1 <= row["img_layers"] <= 6 and 1 <= row["dec_layers"] <= 6
+        assert 0 < row["gflops_spent"] <= row["gflops_full"] * (1 + 1e-9)
+        if row["config"] == "bookkeeping":  # thresholds 1.0: nothing exits
+            assert row["img_layers"] == row["txt_layers"] == row["dec_layers"] == 6
+            assert row["speedup_flops"] == pytest.approx(1.0)
+            assert "overhead" in row and "goal" in row
+        if row["config"] == "mue":
+            assert row["efficiency"] == pytest.approx(row["speedup_measured"] / row["speedup_flops"])
+
+
+def test_bench_train_quick(tmp_path):
+    out = tmp_path / "train.json"
+    stdout = run_script("bench_train.py", "--quick", "--json", str(out))
+    check_header(stdout, "bench_train.py")
+    header, rows = table(stdout)
+    data = json.loads(out.read_text())
+    assert header == data["columns"]
+    for column in ("step_s", "rss_build_mb", "peak_rss_mb", "step_mem_mb", "time_ratio", "mem_ratio"):
+        assert column in header
+    assert [(r[header.index("size")], r[header.index("criterion")]) for r in rows] == [
+        ("micro", "mue"), ("micro", "last_layer")]
+    mue_row, last_row = data["rows"]
+    assert mue_row["peak_rss_mb"] >= mue_row["rss_build_mb"] and mue_row["step_mem_mb"] >= 0
+    assert mue_row["time_ratio"] == pytest.approx(mue_row["step_s"] / last_row["step_s"])
+    assert "time_ratio" not in last_row
+    assert mue_row["loss"] > 0 and last_row["loss"] > 0
+
+
+def test_per_size_options():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_inference
+    finally:
+        sys.path.remove(str(SCRIPTS))
+    args = bench_inference.parse_args(["--sizes", "micro,base", "--img-thres", "micro=0.7,base=0.9",
+                                       "--image-size", "48"])
+    assert args.img_thres == {"micro": 0.7, "base": 0.9}
+    assert args.image_size == {"micro": 48, "base": 48}
+    with pytest.raises(SystemExit, match="--img-thres"):
+        bench_inference.parse_args(["--sizes", "micro", "--img-thres", "huge=0.9"])
+    with pytest.raises(SystemExit, match="no value for size"):
+        bench_inference.parse_args(["--sizes", "micro,base", "--dec-thres", "micro=0.9"])
+    with pytest.raises(SystemExit, match="--tasks"):
+        bench_inference.parse_args(["--tasks", "vqa"])
