@@ -7,4 +7,4 @@ from . import compat
 
 compat.apply()
 
-from . import criterions, models  # noqa: E402,F401  (registration)
+from . import criterions, models, tasks  # noqa: E402,F401  (registration)

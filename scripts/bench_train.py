@@ -155,6 +155,8 @@ def parse_args(argv):
     p.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch intra-op threads; 0 (default) keeps torch's default (one per core)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and machine info as JSON")
     p.add_argument("--quick", action="store_true",
                    help="smoke-test setting: micro only, batch 2, src 8, tgt 6, 32 px, 1 step")
@@ -176,6 +178,8 @@ def parse_args(argv):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.worker:
         size, _, mode = args.worker.partition(":")
         if size not in args.sizes or mode not in MODES:
@@ -210,7 +214,8 @@ def main(argv=None):
     print(markdown_table(rows, COLUMNS, {"step_s": ".3f", "rss_build_mb": ".0f", "peak_rss_mb": ".0f",
                                          "step_mem_mb": ".0f", "time_ratio": ".2f", "mem_ratio": ".2f"}))
     goals = [r for r in rows if "goal_met" in r]
-    print(f"\ngoals met: {sum(r['goal_met'] for r in goals)} of {len(goals)}; total benchmark time {total:.0f}s")
+    print(f"\ngoals met: {sum(r['goal_met'] for r in goals)} of {len(goals)}; total benchmark time {total:.0f}s; "
+          f"load average (1 min) at end {os.getloadavg()[0]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "notes": notes, "columns": list(COLUMNS), "rows": rows, "total_s": total},

@@ -33,14 +33,14 @@ def table(stdout):
 def check_header(stdout, script):
     """The exact command line and the machine info come first."""
     command = next(l for l in stdout.splitlines() if l.startswith("command: "))
-    assert f"scripts/{script} --quick --json" in command
+    assert f"scripts/{script} --quick --threads 1 --json" in command
     machine = next(l for l in stdout.splitlines() if l.startswith("machine: "))
     assert "threads" in machine and "CPUs" in machine
 
 
 def test_bench_inference_quick(tmp_path):
     out = tmp_path / "inference.json"
-    stdout = run_script("bench_inference.py", "--quick", "--json", str(out))
+    stdout = run_script("bench_inference.py", "--quick", "--threads", "1", "--json", str(out))
     check_header(stdout, "bench_inference.py")
     header, rows = table(stdout)
     data = json.loads(out.read_text())
@@ -66,7 +66,7 @@ def test_bench_inference_quick(tmp_path):
 
 def test_bench_train_quick(tmp_path):
     out = tmp_path / "train.json"
-    stdout = run_script("bench_train.py", "--quick", "--json", str(out))
+    stdout = run_script("bench_train.py", "--quick", "--threads", "1", "--json", str(out))
     check_header(stdout, "bench_train.py")
     header, rows = table(stdout)
     data = json.loads(out.read_text())

@@ -172,6 +172,15 @@ def test_bad_inputs_raise_clear_errors(decomposed):
         enc(src, lengths, torch.zeros(3, 3, 16, 16 * 43), masks)  # a 1 x 43 patch grid
 
 
+def test_too_long_text_is_a_clear_error(decomposed):
+    too_long = torch.full((1, 300), 5)  # micro: --max-source-positions 256 (258 position rows)
+    too_long[0, 0], too_long[0, -1] = 0, 2
+    with pytest.raises(ValueError, match="max-source-positions 256"):
+        decomposed.encoder(too_long, torch.tensor([300]), None, None)
+    with pytest.raises(ValueError, match="max-target-positions 256"):
+        decomposed(too_long[:, :8], torch.tensor([8]), too_long)
+
+
 def test_image_batch_size_mismatch_is_a_clear_error(decomposed):
     src, lengths, images, masks = _inputs()
     with pytest.raises(ValueError, match="patch_images"):

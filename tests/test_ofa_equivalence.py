@@ -131,3 +131,15 @@ def test_resnet_stem_equals_torchvision(joint):
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     # the literal reference's stem agrees too
     torch.testing.assert_close(_reference(joint).resnet(images), expected, atol=1e-4, rtol=1e-5)
+
+
+def test_attn_scale_factor_option_is_honoured():
+    """OFA scales attention and position bias alike by (head_dim * attn_scale_factor) ** -0.5."""
+    torch.manual_seed(0)
+    model = build_arch("mue_ofa_micro", dictionary=tiny_dictionary(), encoder_mode="joint", dropout=0.0,
+                       attn_scale_factor=1.0)
+    model = randomize_(model, seed=1).eval()
+    batch = _batch()
+    ref = OFAReference(model.state_dict(), heads=4, attn_scale_factor=1.0)(
+        batch["src_tokens"], batch["prev_output_tokens"], batch["patch_images"], batch["patch_masks"])
+    torch.testing.assert_close(_logits(model, batch), ref, atol=ATOL, rtol=0)

@@ -224,13 +224,22 @@ def valid_stats(caplog):
     return stats[-1]
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread avoids thread-pool overhead (it dominated on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def train_and_generate(data_dir, task, save_dir, caplog, extra_train=(), extra_gen=()):
     from fairseq_cli import generate, train
 
     common = ["--task", task, *SMALL, "--cpu", "--num-workers", "0", "--batch-size", "2",
               "--required-batch-size-multiple", "4"]  # > 1: fairseq would drop partial evaluation batches
     cfg = make_cfg([str(data_dir), "--arch", "mue_ofa_micro", *common, "--criterion", "cross_entropy",
-                    "--optimizer", "adam", "--lr", "1e-3", "--max-update", "2", "--save-dir", str(save_dir),
+                    "--optimizer", "adam", "--lr", "1e-3", "--max-update", "1", "--save-dir", str(save_dir),
                     "--no-epoch-checkpoints", "--log-format", "json", "--seed", "3", *extra_train])
     with caplog.at_level(logging.INFO):
         train.main(cfg)
@@ -243,7 +252,7 @@ def train_and_generate(data_dir, task, save_dir, caplog, extra_train=(), extra_g
     return stats, json.loads(results.read_text())
 
 
-def test_end_to_end_snli_ve(data, tmp_path, caplog):
+def test_end_to_end_snli_ve(data, tmp_path, caplog, one_thread):
     stats, results = train_and_generate(data / "snli_ve", "mue_snli_ve", tmp_path, caplog)
     assert int(stats["valid_eval_examples"]) == 15  # every validation example, with 15 % 2 != 0
     assert 0.0 <= float(stats["valid_snli_score"]) <= 100.0
@@ -253,7 +262,7 @@ def test_end_to_end_snli_ve(data, tmp_path, caplog):
     assert "split 'test': all 15 examples evaluated" in caplog.text
 
 
-def test_end_to_end_caption(data, tmp_path, caplog):
+def test_end_to_end_caption(data, tmp_path, caplog, one_thread):
     stats, results = train_and_generate(
         data / "caption", "mue_caption", tmp_path, caplog,
         extra_train=["--eval-cider", "--eval-args", '{"beam": 2, "max_len_b": 5}'])

@@ -13,7 +13,7 @@ Text that BPE-encodes to ids missing from the dictionary is an error (a wrong di
 Sizes are fixed upper bounds, so batching never decodes an image; every example is kept (nothing is
 filtered by size). Training order is a fresh permutation per epoch, evaluation order is the file order.
 """
-from typing import List, Optional, Sequence
+from typing import List, Sequence
 
 import numpy as np
 import torch

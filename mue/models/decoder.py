@@ -43,7 +43,7 @@ class MueDecoder(FairseqIncrementalDecoder):
         rates = torch.linspace(0, cfg.decoder_drop_path_rate, cfg.decoder_layers).tolist()
         self.layers = nn.ModuleList(
             DecoderLayer(dim, cfg.decoder_ffn_embed_dim, heads, cfg.dropout, cfg.attention_dropout,
-                         cfg.activation_dropout, rate)
+                         cfg.activation_dropout, rate, cfg.attn_scale_factor)
             for rate in rates
         )
         self.layer_norm = nn.LayerNorm(dim)

@@ -18,6 +18,14 @@ from .resnet import ResNetStem
 ENCODER_MODES = ("joint", "decomposed")
 
 
+def parse_blocks(blocks):
+    """--resnet-blocks "3,4,23" (or a sequence) -> (3, 4, 23)."""
+    try:
+        return tuple(int(b) for b in (blocks.split(",") if isinstance(blocks, str) else blocks))
+    except ValueError as err:
+        raise ValueError(f"--resnet-blocks must be three comma-separated integers, got {blocks!r}") from err
+
+
 class MueEncoder(FairseqEncoder):
     def __init__(self, cfg, dictionary, embed_tokens: nn.Embedding):
         super().__init__(dictionary)
@@ -33,7 +41,7 @@ class MueEncoder(FairseqEncoder):
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(dim)
         self.type_embedding = nn.Embedding(2, dim)
-        self.embed_images = ResNetStem(tuple(cfg.resnet_blocks))
+        self.embed_images = ResNetStem(parse_blocks(cfg.resnet_blocks))
         self.image_proj = nn.Linear(ResNetStem.out_channels, dim)
         self.patch_layernorm_embedding = nn.LayerNorm(dim)
         self.embed_positions = nn.Embedding(cfg.max_source_positions + 2, dim)
@@ -46,7 +54,7 @@ class MueEncoder(FairseqEncoder):
         rates = torch.linspace(0, cfg.encoder_drop_path_rate, cfg.encoder_layers).tolist()
         self.layers = nn.ModuleList(
             EncoderLayer(dim, cfg.encoder_ffn_embed_dim, heads, cfg.dropout, cfg.attention_dropout,
-                         cfg.activation_dropout, rate)
+                         cfg.activation_dropout, rate, cfg.attn_scale_factor)
             for rate in rates
         )
         self.layer_norm = nn.LayerNorm(dim)
@@ -64,7 +72,7 @@ class MueEncoder(FairseqEncoder):
         bsz, length = src_tokens.shape
         if length == 0:
             raise ValueError("mue_ofa: src_tokens is empty; every row needs at least one text token (OFA prompts start with <s>)")
-        if length > self.token_rp_bucket.size(0):
+        if length > self.max_source_positions:
             raise ValueError(f"mue_ofa: {length} source tokens exceed --max-source-positions {self.max_source_positions}")
         padding = src_tokens.eq(self.padding_idx)
         empty = padding.all(dim=1)

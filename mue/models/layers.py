@@ -11,11 +11,11 @@ from .attention import Attention
 
 
 class _Layer(nn.Module):
-    def __init__(self, dim, ffn_dim, heads, dropout, attention_dropout, activation_dropout, drop_path):
+    def __init__(self, dim, ffn_dim, heads, dropout, attention_dropout, activation_dropout, drop_path, scale_factor):
         super().__init__()
         self.dropout = nn.Dropout(dropout)
         self.drop_path = drop_path
-        self.self_attn = Attention(dim, heads, attention_dropout)
+        self.self_attn = Attention(dim, heads, attention_dropout, scale_factor)
         self.self_attn_layer_norm = nn.LayerNorm(dim)
         self.final_layer_norm = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, ffn_dim)
@@ -37,8 +37,9 @@ class _Layer(nn.Module):
 
 
 class EncoderLayer(_Layer):
-    def __init__(self, dim, ffn_dim, heads, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, drop_path=0.0):
-        super().__init__(dim, ffn_dim, heads, dropout, attention_dropout, activation_dropout, drop_path)
+    def __init__(self, dim, ffn_dim, heads, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, drop_path=0.0,
+                 scale_factor=2.0):
+        super().__init__(dim, ffn_dim, heads, dropout, attention_dropout, activation_dropout, drop_path, scale_factor)
         self.attn_ln = nn.LayerNorm(dim)
 
     def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor], blocked: Optional[torch.Tensor]):
@@ -50,10 +51,11 @@ class EncoderLayer(_Layer):
 
 
 class DecoderLayer(_Layer):
-    def __init__(self, dim, ffn_dim, heads, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, drop_path=0.0):
-        super().__init__(dim, ffn_dim, heads, dropout, attention_dropout, activation_dropout, drop_path)
+    def __init__(self, dim, ffn_dim, heads, dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, drop_path=0.0,
+                 scale_factor=2.0):
+        super().__init__(dim, ffn_dim, heads, dropout, attention_dropout, activation_dropout, drop_path, scale_factor)
         self.self_attn_ln = nn.LayerNorm(dim)
-        self.encoder_attn = Attention(dim, heads, attention_dropout)
+        self.encoder_attn = Attention(dim, heads, attention_dropout, scale_factor)
         self.encoder_attn_layer_norm = nn.LayerNorm(dim)
         self.cross_attn_ln = nn.LayerNorm(dim)
 

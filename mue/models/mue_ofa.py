@@ -55,8 +55,6 @@ class MueOFAModel(FairseqEncoderDecoderModel):
                              f"and target dictionaries differ ({len(dictionary)} vs {len(task.target_dictionary)})")
         if cfg.encoder_embed_dim != cfg.decoder_embed_dim:
             raise ValueError("mue_ofa ties its embeddings: --encoder-embed-dim must equal --decoder-embed-dim")
-        if isinstance(cfg.resnet_blocks, str):
-            cfg.resnet_blocks = [int(b) for b in cfg.resnet_blocks.split(",")]
         embed_tokens = nn.Embedding(len(dictionary), cfg.encoder_embed_dim, padding_idx=dictionary.pad())
         model = cls(MueEncoder(cfg, dictionary, embed_tokens), MueDecoder(cfg, dictionary, embed_tokens))
         for module in model.modules():

@@ -26,7 +26,7 @@ from fairseq.tasks import FairseqTask
 from omegaconf import II
 
 from mue.data.dictionary import build_ofa_dictionary
-from mue.data.readers import CocoCaptionJson, DataError, OfaCaptionTsv, OfaSnliVeTsv, SnliVeJsonl
+from mue.data.readers import CocoCaptionJson, DataError, OfaCaptionTsv, SnliVeJsonl
 from mue.data.tokenizer import Tokenizer
 from mue.exiting.policy import NEVER_EXIT, validate_threshold
 from mue.exiting.schedule import SCHEDULE_KINDS
