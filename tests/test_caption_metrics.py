@@ -127,7 +127,7 @@ def test_results_collector_full_metric_set_and_cli(tmp_path, capsys):
     assert set(scores) >= {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
     assert 0 < scores["METEOR"] < 1 and 0 < scores["CIDEr"] < 10
     path = tmp_path / "caption_test.json"
-    res.save(str(path), scores)
+    path.write_text(json.dumps({"split": "test", "metrics": scores, "predictions": res.predictions()}))
     cli = cm.main(["--results", str(path), "--metrics", "bleu,cider", "--out", str(tmp_path / "s.json")])
     assert cli["CIDEr"] == pytest.approx(scores["CIDEr"])
     assert json.loads((tmp_path / "s.json").read_text())["Bleu_4"] == pytest.approx(scores["Bleu_4"])

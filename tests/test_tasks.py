@@ -76,6 +76,38 @@ def test_missing_split_and_dictionary_errors(data, tmp_path):
                   "--coco-json", str(data / "caption" / "valid_refs.json"))[0].load_dataset("valid")
 
 
+def test_raw_formats_coco_json_and_snli_jsonl(data, tmp_path):
+    """Karpathy json + image folder (caption) and SNLI-VE jsonl + image folder, through the tasks."""
+    from PIL import Image
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (80 * i, 0, 0)).save(images / f"{i}.jpg")
+    karpathy = {"images": [{"filename": f"{i}.jpg", "cocoid": i, "split": split,
+                            "sentences": [{"raw": "A red square."}, {"raw": "two circles"}]}
+                           for i, split in enumerate(["train", "val", "test"])]}
+    (tmp_path / "dataset_coco.json").write_text(json.dumps(karpathy))
+    dict_file = str(data / "dict.txt")
+    task, _ = make_task(tmp_path, "mue_caption", "--data-format", "coco", "--coco-json",
+                        str(tmp_path / "dataset_coco.json"), "--image-dir", str(images), "--dict-file", dict_file)
+    task.load_dataset("train")
+    task.load_dataset("valid")
+    assert len(task.dataset("train")) == 2  # training reads one record per caption
+    assert task.dataset("valid")[0]["refs"] == ["a red square", "two circles"]
+    snli_dir = tmp_path / "snli"
+    snli_dir.mkdir()
+    rows = [{"Flickr30K_ID": str(i), "gold_label": label, "sentence1": "a picture", "sentence2": "a red square",
+             "pairID": f"p{i}"} for i, label in enumerate(["neutral", "entailment"])]
+    (snli_dir / "snli_ve_dev.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    snli, _ = make_task(snli_dir, "mue_snli_ve", "--image-dir", str(images), "--dict-file", dict_file)
+    snli.load_dataset("valid")  # auto format: valid -> snli_ve_dev.jsonl
+    ds = snli.dataset("valid")
+    assert [ds[i]["label"] for i in range(2)] == [2, 1] and ds[0]["uniq_id"] == "p0"
+    with pytest.raises(DataError, match=r"split 'test'.*snli_ve_test.jsonl"):
+        snli.load_dataset("test")
+
+
 @pytest.mark.parametrize("option,value", [("--img-thres", "nan"), ("--txt-thres", "-2"), ("--dec-thres", "-inf"),
                                           ("--dec-decay-beta", "1.5"), ("--dec-decay-tau", "-1")])
 def test_exit_options_are_validated(data, option, value):
@@ -256,9 +288,15 @@ def test_end_to_end_snli_ve(data, tmp_path, caplog, one_thread):
     stats, results = train_and_generate(data / "snli_ve", "mue_snli_ve", tmp_path, caplog)
     assert int(stats["valid_eval_examples"]) == 15  # every validation example, with 15 % 2 != 0
     assert 0.0 <= float(stats["valid_snli_score"]) <= 100.0
-    assert results["count"] == 15 and len({r["uniq_id"] for r in results["predictions"]}) == 15
+    assert results["n_examples"] == results["split_size"] == 15
+    assert len({r["uniq_id"] for r in results["predictions"]}) == 15
     correct = sum(r["prediction"] == r["answer"] for r in results["predictions"])
-    assert results["accuracy"] == pytest.approx(100.0 * correct / 15)
+    assert results["metrics"]["accuracy"] == pytest.approx(correct / 15)
+    assert results["task"] == "snli_ve" and results["run"] == "mue" and results["split"] == "test"
+    # the exit summary: every layer ran (default thresholds 1.0), 15 samples, 3 answers x 2 tokens scored
+    assert results["exit"]["n_samples"] == 15 and results["exit"]["expected_time_reduction"] == 0.0
+    assert results["exit"]["mean_decoder_layers"] == results["exit"]["n_dec_layers"]
+    assert "exit summary on test" in caplog.text
     assert "split 'test': all 15 examples evaluated" in caplog.text
 
 
@@ -268,8 +306,10 @@ def test_end_to_end_caption(data, tmp_path, caplog, one_thread):
         extra_train=["--eval-cider", "--eval-args", '{"beam": 2, "max_len_b": 5}'])
     assert int(stats["valid_eval_examples"]) == 5
     assert 0.0 <= float(stats["valid_cider"]) and 0.0 <= float(stats["valid_bleu4"]) <= 100.0
-    assert len(results["captions"]) == 5 and all(len(r["refs"]) == 5 for r in results["captions"])
-    scores = results["scores"]
+    assert len(results["predictions"]) == 5 and all(len(r["refs"]) == 5 for r in results["predictions"])
+    assert results["n_examples"] == results["split_size"] == 5 and results["task"] == "caption"
+    assert results["exit"]["n_samples"] == 5 and results["exit"]["flops_spent"] == results["exit"]["flops_full"]
+    scores = results["metrics"]
     assert {"Bleu_4", "METEOR", "ROUGE_L", "CIDEr"} <= set(scores) and scores["num_images"] == 5
     assert all(math.isfinite(v) for v in scores.values())
     assert "caption metrics on test (5 images)" in caplog.text

@@ -181,11 +181,9 @@ class CaptionResults:
         refs = {k: r["refs"] for k, r in self.rows.items()}
         return compute_caption_metrics(hyps, refs, **kwargs)
 
-    def save(self, path: str, scores: Optional[dict] = None) -> None:
-        """Write {"split", "scores", "captions": [{"uniq_id", "image_id", "caption", "refs"}]} as json."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump({"split": self.split, "scores": scores, "captions": list(self.rows.values())}, f, indent=1)
+    def predictions(self) -> list:
+        """[{"uniq_id", "image_id", "caption", "refs"}], as stored in an --eval-results record."""
+        return list(self.rows.values())
 
 
 # --------------------------------------------------------------------------------------------
@@ -232,9 +230,9 @@ def load_hyps_refs(results: Optional[str] = None, hyps: Optional[str] = None, re
     """(hyps, refs) dicts from a results file of the caption task, or from separate hyps/refs files."""
     if results:
         data = _load_json(results)
-        rows = data.get("captions") if isinstance(data, dict) else None
+        rows = data.get("predictions") if isinstance(data, dict) else None
         if not isinstance(rows, list):
-            raise SystemExit(f"{results}: expected a json object with a 'captions' list")
+            raise SystemExit(f"{results}: expected an --eval-results record (a json object with a 'predictions' list)")
         return ({r["uniq_id"]: r["caption"] for r in rows}, {r["uniq_id"]: r["refs"] for r in rows})
     h, r = _load_json(hyps), _load_json(refs)
     if isinstance(h, list):  # COCO results format

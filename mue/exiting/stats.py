@@ -31,7 +31,7 @@ import math
 import time
 from collections import Counter
 from contextlib import contextmanager
-from typing import Dict, Mapping, Optional, Union
+from typing import Dict, Mapping, Optional
 
 import torch
 

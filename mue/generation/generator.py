@@ -5,6 +5,7 @@ model does the per-row exits inside each call (encoder streams, then one decoder
 step). This class only attaches the exit settings with the decoder threshold schedule sized for the
 batch's maximum length N, times the call, and turns what ran into ExitStats.
 """
+import contextlib
 import time
 
 from fairseq.sequence_generator import SequenceGenerator
@@ -48,19 +49,25 @@ class MueSequenceGenerator(SequenceGenerator):
     def reset_stats(self):
         self.stats = new_stats(self.mue_models[0])
 
-    def _generate(self, sample, prefix_tokens=None, constraints=None, bos_token=None):
-        src_len = int(sample["net_input"]["src_tokens"].size(1))
-        max_len = min(int(self.max_len_a * src_len + self.max_len_b), self.max_len - 1)
+    @contextlib.contextmanager
+    def exits_attached(self, max_len: int):
+        """Within the block the models exit early (decoder schedule over N = max_len steps); the block's
+        wall-clock time and what ran are added to `self.stats`. Used by generation and answer scoring."""
         trace = ExitTrace()
         settings = make_settings(**self.exit_kwargs, max_len=max_len, trace=trace)
         for model in self.mue_models:
             model.set_exit_settings(settings)
         try:
             start = time.perf_counter()
-            hypos = super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints, bos_token=bos_token)
+            yield settings
             self.stats.add_time(time.perf_counter() - start)
         finally:
             for model in self.mue_models:
                 model.set_exit_settings(None)
         account(self.stats, trace, self.sizes)
-        return hypos
+
+    def _generate(self, sample, prefix_tokens=None, constraints=None, bos_token=None):
+        src_len = int(sample["net_input"]["src_tokens"].size(1))
+        max_len = min(int(self.max_len_a * src_len + self.max_len_b), self.max_len - 1)
+        with self.exits_attached(max_len):
+            return super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints, bos_token=bos_token)

@@ -45,6 +45,7 @@ class CaptionConfig(VisionLanguageConfig):
 
 @register_task("mue_caption", dataclass=CaptionConfig)
 class CaptionTask(VisionLanguageTask):
+    RECORD_TASK = "caption"
     TSV_READER = OfaCaptionTsv
 
     def __init__(self, cfg, dictionary, tokenizer):
@@ -130,10 +131,10 @@ class CaptionTask(VisionLanguageTask):
         with torch.no_grad():
             hypos = generator.generate(models, sample, prefix_tokens=prefix_tokens, constraints=constraints)
         if "refs" in sample and self.split_size(sample) is not None:
-            self._collect(sample, hypos)
+            self._collect(sample, hypos, generator)
         return hypos
 
-    def _collect(self, sample, hypos):
+    def _collect(self, sample, hypos, generator=None):
         """Keep the captions; at the split's last batch score them all (and write --eval-results)."""
         split = sample["split"]
         results = self._results.setdefault(split, CaptionResults(split, self.split_size(sample)))
@@ -150,6 +151,4 @@ class CaptionTask(VisionLanguageTask):
         scores = results.compute()
         logger.info("caption metrics on %s (%d images): %s", split, len(results),
                     ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
-        if self.cfg.eval_results:
-            results.save(self.cfg.eval_results, scores)
-            logger.info("captions and scores written to %s", self.cfg.eval_results)
+        self.finish_evaluation(split, scores, len(results), results.predictions(), generator)

@@ -9,10 +9,7 @@ answer per example (H-/D- lines) and, once the whole split is scored, logs the a
 ``--eval-results`` if given.
 """
 import contextlib
-import json
 import logging
-import os
-import time
 from dataclasses import dataclass, field
 from typing import List, Sequence
 
@@ -62,30 +59,11 @@ def score_candidates(model, sample, candidates: Sequence[torch.Tensor], pad: int
     return (scores, token_scores) if return_token_scores else scores
 
 
-@contextlib.contextmanager
-def attached_exits(generator, models, max_len: int):
-    """Attach the exit settings of an exit-aware generator (mue.generation) to ``models`` while scoring,
-    and account what ran in the generator's stats; with another generator, do nothing."""
-    exit_kwargs = getattr(generator, "exit_kwargs", None)
-    if exit_kwargs is None:
-        yield
-        return
-    from mue.exiting.accounting import account
-    from mue.exiting.trace import ExitTrace
-    from mue.generation.generator import make_settings
-
-    trace = ExitTrace()
-    settings = make_settings(**exit_kwargs, max_len=max_len, trace=trace)
-    for m in models:
-        m.set_exit_settings(settings)
-    start = time.perf_counter()
-    try:
-        yield
-    finally:
-        for m in models:
-            m.set_exit_settings(None)
-    generator.stats.add_time(time.perf_counter() - start)
-    account(generator.stats, trace, generator.sizes)
+def attached_exits(generator, max_len: int):
+    """The exit-aware generator's exits, switched on while scoring; with another generator, none."""
+    if hasattr(generator, "exits_attached"):
+        return generator.exits_attached(max_len)
+    return contextlib.nullcontext()
 
 
 @dataclass
@@ -96,6 +74,7 @@ class SnliVeConfig(VisionLanguageConfig):
 
 @register_task("mue_snli_ve", dataclass=SnliVeConfig)
 class SnliVeTask(VisionLanguageTask):
+    RECORD_TASK = "snli_ve"
     TSV_READER = OfaSnliVeTsv
     JSONL_NAMES = ("snli_ve_{split}.jsonl", "{split}.jsonl")
 
@@ -151,7 +130,7 @@ class SnliVeTask(VisionLanguageTask):
         if len(models) != 1:
             raise NotImplementedError("mue_snli_ve scores answers with one model; ensembles are not supported")
         model = models[0]
-        with torch.no_grad(), attached_exits(generator, models, max(c.numel() for c in self.candidates)):
+        with torch.no_grad(), attached_exits(generator, max(c.numel() for c in self.candidates)):
             scores, token_scores = score_candidates(model, sample, self.candidates, return_token_scores=True)
         best = scores.argmax(-1)
         hypos = []
@@ -160,10 +139,10 @@ class SnliVeTask(VisionLanguageTask):
             hypos.append([{"tokens": cand, "score": scores[i, j], "alignment": None,
                            "positional_scores": token_scores[i, j, : cand.numel()].clone()}])
         if "labels" in sample:
-            self._collect(sample, best)
+            self._collect(sample, best, generator)
         return hypos
 
-    def _collect(self, sample, best):
+    def _collect(self, sample, best, generator=None):
         """Keep the predictions; at the split's last batch log the accuracy (and write --eval-results)."""
         split = sample.get("split")
         acc = self._gen.setdefault(split, {"correct": 0, "rows": []})
@@ -180,7 +159,4 @@ class SnliVeTask(VisionLanguageTask):
         n = len(acc["rows"])
         accuracy = 100.0 * acc["correct"] / n
         logger.info("SNLI-VE %s: accuracy %.2f (%d/%d examples)", split, accuracy, acc["correct"], n)
-        if self.cfg.eval_results:
-            os.makedirs(os.path.dirname(os.path.abspath(self.cfg.eval_results)), exist_ok=True)
-            with open(self.cfg.eval_results, "w", encoding="utf-8") as f:
-                json.dump({"split": split, "accuracy": accuracy, "count": n, "predictions": acc["rows"]}, f, indent=1)
+        self.finish_evaluation(split, {"accuracy": accuracy / 100.0}, n, acc["rows"], generator)

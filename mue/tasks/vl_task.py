@@ -15,6 +15,7 @@ What the base owns:
   * ``build_bpe``: fairseq-generate decodes BPE ids to text with the task's tokenizer (no --bpe needed).
 """
 import importlib.util
+import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -30,12 +31,13 @@ from mue.data.readers import CocoCaptionJson, DataError, OfaCaptionTsv, SnliVeJs
 from mue.data.tokenizer import Tokenizer
 from mue.exiting.policy import NEVER_EXIT, validate_threshold
 from mue.exiting.schedule import SCHEDULE_KINDS
+from mue.exiting.settings import KV_POLICIES
 
 logger = logging.getLogger(__name__)
 
 DATA_FORMATS = ("auto", "tsv", "coco", "snli_jsonl")
-KV_POLICIES = ("copy", "recompute", "drop")
 EXIT_THRESHOLDS = ("img_thres", "txt_thres", "dec_thres")
+EXIT_OPTIONS = EXIT_THRESHOLDS + ("dec_schedule", "dec_decay_beta", "dec_decay_tau", "kv_policy")
 
 
 @dataclass
@@ -74,8 +76,12 @@ class VisionLanguageConfig(FairseqDataclass):
         default="copy", metadata={"help": "keys/values of decoder layers a token skipped: copy, recompute, drop"})
     eval_print_samples: bool = field(default=False, metadata={"help": "log one prediction per validation batch"})
     eval_results: Optional[str] = field(
-        default=None, metadata={"help": "json file for the predictions and scores of an evaluation split, "
+        default=None, metadata={"help": "json file for the predictions, scores and exit statistics of an "
+                                        "evaluation split (one result record for mue.evaluation.report), "
                                         "written when fairseq-generate has scored the whole split"})
+    eval_run_name: str = field(
+        default="mue", metadata={"help": "run name stored in the --eval-results record (e.g. full, mue, "
+                                         "'w/o layer-wise loss'); reports group curves by it"})
     train_subset: str = II("dataset.train_subset")
     seed: int = II("common.seed")
 
@@ -127,6 +133,7 @@ class VisionLanguageTask(FairseqTask):
     """
 
     TSV_READER = None
+    RECORD_TASK = None  # task name in result records: caption | snli_ve
     JSONL_NAMES = ()  # snli_jsonl file names per split, "{split}" filled in
 
     def __init__(self, cfg: VisionLanguageConfig, dictionary, tokenizer: Tokenizer):
@@ -143,12 +150,7 @@ class VisionLanguageTask(FairseqTask):
         if not os.path.isdir(cfg.data):
             raise DataError(f"data directory {cfg.data}: not found")
         dict_path = resolve_dict_file(cfg)
-        try:
-            dictionary = build_ofa_dictionary(dict_path, cfg.num_codes, cfg.num_bins)
-        except DataError:
-            raise
-        except Exception as e:  # fairseq's own parse errors, made to name the file
-            raise DataError(f"{dict_path}: cannot load the dictionary: {e}") from e
+        dictionary = build_ofa_dictionary(dict_path, cfg.num_codes, cfg.num_bins)  # DataError names file:line
         logger.info("dictionary %s: %d entries", dict_path, len(dictionary))
         task = cls(cfg, dictionary, Tokenizer())
         task.check_dictionary(dict_path)
@@ -167,8 +169,13 @@ class VisionLanguageTask(FairseqTask):
         return self.dict
 
     # ---- data ------------------------------------------------------------------------------
+    def jsonl_paths(self, split: str):
+        """Candidate SNLI-VE jsonl files of ``split`` (the 'valid' split is read from the 'dev' file)."""
+        name = {"valid": "dev"}.get(split, split)
+        return [os.path.join(self.cfg.data, pattern.format(split=name)) for pattern in self.JSONL_NAMES]
+
     def split_files(self, split: str):
-        """{format: path} of the files that can hold ``split`` (the ones that exist)."""
+        """{format: path} of the existing files that can hold ``split``."""
         cfg = self.cfg
         found = {}
         tsv = os.path.join(cfg.data, f"{split}.tsv")
@@ -176,10 +183,9 @@ class VisionLanguageTask(FairseqTask):
             found["tsv"] = tsv
         if cfg.coco_json and self.TSV_READER is OfaCaptionTsv:
             found["coco"] = cfg.coco_json
-        for name in self.JSONL_NAMES:
-            path = os.path.join(cfg.data, name.format(split={"valid": "dev"}.get(split, split)))
-            if os.path.isfile(path):
-                found.setdefault("snli_jsonl", path)
+        jsonl = [p for p in self.jsonl_paths(split) if os.path.isfile(p)]
+        if jsonl:
+            found["snli_jsonl"] = jsonl[0]
         return found
 
     def open_reader(self, split: str):
@@ -191,8 +197,7 @@ class VisionLanguageTask(FairseqTask):
         if fmt not in found:
             expected = {"tsv": os.path.join(cfg.data, f"{split}.tsv"),
                         "coco": "--coco-json (caption task only)",
-                        "snli_jsonl": " or ".join(os.path.join(cfg.data, n.format(split={"valid": "dev"}.get(split, split)))
-                                                  for n in self.JSONL_NAMES) or "(SNLI-VE task only)"}
+                        "snli_jsonl": " or ".join(self.jsonl_paths(split)) or "a jsonl file (SNLI-VE task only)"}
             wanted = [expected[f] for f in (("tsv", "coco", "snli_jsonl") if fmt is None else (fmt,))]
             raise DataError(f"split {split!r}: no data file found (format {cfg.data_format}); expected "
                             + "; ".join(wanted))
@@ -261,6 +266,27 @@ class VisionLanguageTask(FairseqTask):
             return True
         logger.error("split %r: %d of %d examples evaluated", split, seen, expected)
         return False
+
+    def finish_evaluation(self, split, scores: dict, n_examples: int, predictions: list, generator=None):
+        """A whole split was scored: print the exit summary and write the --eval-results record."""
+        stats = getattr(generator, "stats", None)
+        exit_summary = stats.summary() if stats is not None else None
+        if stats is not None:
+            logger.info("exit summary on %s:\n%s", split, stats.format_table())
+            generator.reset_stats()
+        if not self.cfg.eval_results:
+            return
+        record = {
+            "task": self.RECORD_TASK, "run": self.cfg.eval_run_name, "split": split,
+            "thresholds": {k: (str(v) if k in ("dec_schedule", "kv_policy") else float(v))
+                           for k, v in ((k, getattr(self.cfg, k)) for k in EXIT_OPTIONS)},
+            "metrics": scores, "n_examples": n_examples, "split_size": len(self.datasets[split]),
+            "exit": exit_summary, "predictions": predictions,
+        }
+        os.makedirs(os.path.dirname(os.path.abspath(self.cfg.eval_results)), exist_ok=True)
+        with open(self.cfg.eval_results, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1)
+        logger.info("predictions, scores and exit statistics written to %s", self.cfg.eval_results)
 
     # ---- generation ------------------------------------------------------------------------
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
