@@ -272,6 +272,18 @@ def cpu_safe_torchrun() -> None:
     _replace(distributed_utils, "infer_init_method", _infer_init_method_guarded)
 
 
+def quiet_root_logger() -> None:
+    """`import fairseq` sets the root logger to DEBUG (a `logging.basicConfig(level=DEBUG)` in
+    fairseq/models/wav2vec/wav2vec2_classification.py runs at import), so any process that imports
+    fairseq before fairseq_cli configures logging (scripts, in-process fairseq-generate) floods stderr
+    with Pillow/matplotlib debug lines. Put the root level back to fairseq_cli's own default:
+    $LOGLEVEL, else INFO. Only a DEBUG root is touched, and only when LOGLEVEL does not ask for it."""
+    root = logging.getLogger()
+    wanted = os.environ.get("LOGLEVEL", "INFO").upper()
+    if root.level == logging.DEBUG and wanted != "DEBUG":
+        root.setLevel(wanted)
+
+
 def apply() -> None:
     """Install every patch once; later calls do nothing."""
     global _APPLIED
@@ -281,4 +293,5 @@ def apply() -> None:
     keep_last_partial_batch()
     cpu_safe_ddp()
     cpu_safe_torchrun()
+    quiet_root_logger()
     _APPLIED = True

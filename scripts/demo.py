@@ -12,7 +12,6 @@ Each stage is skipped when its output already exists (a second run reuses them);
 Deterministic given --seed.
 """
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -22,12 +21,11 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-# Threshold sweeps (image, text, decoder). The first entry (1.0 everywhere) is the full model.
-CAPTION_SWEEP = [
-    (1.0, 1.0, 1.0), (0.999, 0.999, 0.999), (0.995, 0.995, 0.995), (0.99, 0.99, 0.99), (0.98, 0.98, 0.98),
-    (0.97, 0.97, 0.97), (0.95, 0.95, 0.95), (0.9, 0.9, 0.9),
-]
-SNLI_SWEEP = CAPTION_SWEEP
+# Threshold sweeps (image, text, decoder). The first entry (1.0 everywhere) is the full model; the
+# ablation runs use every other entry.
+SWEEP = [(1.0, 1.0, 1.0), (0.995, 0.995, 0.995), (0.99, 0.99, 0.99), (0.98, 0.98, 0.98), (0.95, 0.95, 0.95),
+         (0.9, 0.9, 0.9)]
+TINY_SWEEP = [(1.0, 1.0, 1.0), (0.9, 0.9, 0.9)]
 
 
 def stage(title):
@@ -85,47 +83,17 @@ def train(args, task, name, extra):
     return ckpt
 
 
-def evaluate(args, task, ckpt, split, thresholds, run_name, out_json):
-    """One fairseq-generate run (in-process: same entry point, no 8 s interpreter start per run)."""
-    if os.path.exists(out_json):
-        return
-    from fairseq import options
-    from fairseq_cli import generate
+def evaluate(args, task, ckpt, run_name, settings):
+    from mue.evaluation.sweep import sweep
 
     data = os.path.join(args.data, "caption" if task == "mue_caption" else "snli_ve")
-    img, txt, dec = thresholds
-    argv = [
-        data, "--user-dir", os.path.join(ROOT, "mue"), "--task", task, "--path", ckpt, "--gen-subset", split,
-        "--patch-image-size", str(args.image_size), "--batch-size", str(args.eval_batch_size), "--cpu",
-        "--num-workers", "0", "--required-batch-size-multiple", "1",
-        "--img-thres", str(img), "--txt-thres", str(txt), "--dec-thres", str(dec),
-        "--eval-results", out_json, "--eval-run-name", run_name,
-        "--results-path", os.path.join(os.path.dirname(out_json), "generate"), "--quiet",
-    ]
+    extra = ["--patch-image-size", str(args.image_size), "--batch-size", str(args.eval_batch_size), "--cpu",
+             "--num-workers", "0", "--quiet"]
     if task == "mue_caption":
-        argv += ["--beam", "5", "--max-len-b", "16", "--no-repeat-ngram-size", "3",
-                 "--dec-schedule", "decay", "--dec-decay-beta", "0.95", "--dec-decay-tau", "1.0"]
-    parser = options.get_generation_parser()
-    generate.main(options.parse_args_and_arch(parser, argv))
-
-
-def sweep(args, task, ckpt, run_name, sweep_points):
-    out_dir = os.path.join(args.out, "runs")
-    os.makedirs(out_dir, exist_ok=True)
-    for split in ("valid", "test"):
-        for th in sweep_points:
-            tag = "_".join(f"{t:g}" for t in th)
-            path = os.path.join(out_dir, f"{task}_{run_name.replace(' ', '_').replace('/', '')}_{split}_{tag}.json")
-            evaluate(args, task, ckpt, split, th, "full" if run_name == "mue" and th == (1.0, 1.0, 1.0) else run_name, path)
-            print(f"   {split} {run_name} thresholds {th}: {summary_line(path)}", flush=True)
-
-
-def summary_line(path):
-    with open(path) as f:
-        rec = json.load(f)
-    quality = ", ".join(f"{k} {v:.4f}" for k, v in rec["metrics"].items() if k in ("CIDEr", "Bleu_4", "accuracy"))
-    etr = rec["exit"].get("expected_time_reduction")
-    return f"{quality}; expected time reduction {100 * (etr or 0):.1f}%; wall {rec['exit']['wall_clock_s']:.1f}s"
+        extra += ["--beam", "5", "--max-len-b", "16", "--no-repeat-ngram-size", "3", "--eval-metrics", "bleu,rouge,cider",
+                  "--dec-schedule", "decay", "--dec-decay-beta", "0.95", "--dec-decay-tau", "1.0"]
+    sweep(data, task, ckpt, os.path.join(args.out, "runs"), settings, ("valid", "test"), run=run_name,
+          full_run="full" if run_name == "mue" else None, extra_args=extra)
 
 
 def main(argv=None):
@@ -134,18 +102,18 @@ def main(argv=None):
     parser.add_argument("--data", default=os.path.join(ROOT, "data", "synthetic"))
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--num-train", type=int, default=1000, help="training images")
-    parser.add_argument("--num-eval", type=int, default=200, help="images in each of valid and test")
+    parser.add_argument("--num-eval", type=int, default=100, help="images in each of valid and test")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--caption-epochs", type=int, default=4)
     parser.add_argument("--snli-epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--eval-batch-size", type=int, default=16)
+    parser.add_argument("--eval-batch-size", type=int, default=50)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--fresh", action="store_true", help="delete earlier outputs and redo every stage")
     parser.add_argument("--tiny", action="store_true", help="a minutes-long smoke run (tests use it)")
     args = parser.parse_args(argv)
     if args.tiny:
-        args.num_train, args.num_eval, args.caption_epochs, args.snli_epochs = 40, 12, 1, 1
+        args.num_train, args.num_eval, args.caption_epochs, args.snli_epochs = 8, 4, 1, 1
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.rmtree(args.data, ignore_errors=True)
@@ -159,9 +127,9 @@ def main(argv=None):
         runs[(task, "w/o layer-wise loss")] = train(args, task, "lastlayer", extra + ["--last-layer-only"])
 
     stage("3/4 evaluating over a threshold sweep (fairseq-generate)")
-    sweeps = {"mue_caption": CAPTION_SWEEP, "mue_snli_ve": SNLI_SWEEP}
+    settings = TINY_SWEEP if args.tiny else SWEEP
     for (task, run_name), ckpt in runs.items():
-        sweep(args, task, ckpt, run_name, sweeps[task] if run_name == "mue" else sweeps[task][::2])
+        evaluate(args, task, ckpt, run_name, settings if run_name == "mue" else settings[::2])
 
     stage("4/4 report")
     from mue.evaluation.report import load_records, render_report

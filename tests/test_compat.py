@@ -218,3 +218,26 @@ def test_apply_twice_is_harmless():
     batches = data_utils.batch_by_size(np.arange(10), lambda i: 1, max_sentences=4,
                                        required_batch_size_multiple=4)
     _check_exact_cover(batches, 10)
+
+
+def test_quiet_root_logger_undoes_fairseqs_debug_root(monkeypatch):
+    import logging
+
+    from mue import compat
+
+    root = logging.getLogger()
+    old = root.level
+    try:
+        monkeypatch.delenv("LOGLEVEL", raising=False)
+        root.setLevel(logging.DEBUG)  # what `import fairseq` leaves behind
+        compat.quiet_root_logger()
+        assert root.level == logging.INFO
+        monkeypatch.setenv("LOGLEVEL", "DEBUG")  # a user who asks for DEBUG keeps it
+        root.setLevel(logging.DEBUG)
+        compat.quiet_root_logger()
+        assert root.level == logging.DEBUG
+        root.setLevel(logging.WARNING)  # a level somebody chose on purpose is left alone
+        compat.quiet_root_logger()
+        assert root.level == logging.WARNING
+    finally:
+        root.setLevel(old)

@@ -13,7 +13,7 @@ Text that BPE-encodes to ids missing from the dictionary is an error (a wrong di
 Sizes are fixed upper bounds, so batching never decodes an image; every example is kept (nothing is
 filtered by size). Training order is a fresh permutation per epoch, evaluation order is the file order.
 """
-from typing import List, Sequence
+from typing import Dict, List, Sequence
 
 import numpy as np
 import torch
@@ -200,6 +200,7 @@ class CaptionDataset(VisionLanguageDataset):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self._cider = None
+        self._refs_by_image = None
 
     def size_bounds(self):
         return (len(CAPTION_PROMPT.split()) * 2 + 2, 2 * self.max_tgt_length + 1)
@@ -232,6 +233,29 @@ class CaptionDataset(VisionLanguageDataset):
         else:
             captions = r[index]["captions"]
         return [normalize_text(c) for c in captions]
+
+    def image_id(self, index: int) -> str:
+        """The image id of example ``index`` (as ``example["image_id"]``) without decoding its image."""
+        r = self.reader
+        if hasattr(r, "tsv") and hasattr(r, "cols"):
+            fields = r.tsv.row(index)
+            return str(fields[r.cols["image_id"]] if "image_id" in r.cols else fields[r.cols["uniq_id"]])
+        entry = r.entries[index] if hasattr(r, "entries") else r[index]
+        return str(entry.get("image_id", entry.get("uniq_id", index)))
+
+    def references_by_image(self) -> Dict[str, List[str]]:
+        """image id -> every normalised reference of that image in this split (built once).
+
+        Training files hold one caption per row (several rows per image) or, as OFA's SCST data, all
+        of an image's references per row joined with '&&': rows of one image are merged, exact
+        duplicates dropped. Self-critical training scores samples against these (mue.criterions.scst)."""
+        if self._refs_by_image is None:
+            merged: Dict[str, List[str]] = {}
+            for i in range(len(self)):
+                refs = merged.setdefault(self.image_id(i), [])
+                refs.extend(ref for ref in self.references(i) if ref not in refs)
+            self._refs_by_image = merged
+        return self._refs_by_image
 
     def corpus_cider(self):
         """A CIDEr-D scorer with the document frequencies of this split's references (built once)."""

@@ -1,17 +1,21 @@
 """Turns an ExitTrace (what a model ran) into ExitStats (layers, Eq. 14, FLOPs by component).
 
 Every count uses the real (non-padding) tokens of each row and the model's own sizes; the full
-model's cost is counted on the same inputs, so spent/full is the FLOP-predicted speedup.
+model's cost is counted on the same inputs, so spent/full is the FLOP-predicted speedup (against a
+larger reference model's cost when `reference_sizes` is given, e.g. for an OFA-Tiny baseline).
 """
-from .flops import (cross_kv_flops, decoder_layer_flops_step, encoder_layer_flops, kv_fill_flops,
-                    output_projection_flops, resnet_stem_flops)
+from typing import Optional
+
+from .flops import (cross_kv_flops, decoder_layer_flops_step, encoder_layer_flops, imitation_head_flops,
+                    kv_fill_flops, output_projection_flops, resnet_stem_flops)
 from .stats import ExitStats
 from .trace import ExitTrace
 
 
 def model_sizes(model) -> dict:
-    """The sizes the FLOP formulas need, read off a mue_ofa model."""
+    """The sizes the FLOP formulas need, read off a mue_ofa model (imitation heads included, if any)."""
     encoder, decoder = model.encoder, model.decoder
+    heads = getattr(decoder, "exit_heads", None)
     return {
         "d": encoder.layer_norm.normalized_shape[0],
         "enc_ffn": encoder.layers[0].fc1.out_features,
@@ -20,52 +24,82 @@ def model_sizes(model) -> dict:
         "n_dec": len(decoder.layers),
         "vocab": decoder.output_projection.out_features,
         "resnet_blocks": tuple(len(getattr(encoder.embed_images, f"layer{i}")) for i in (1, 2, 3)),
+        "imitation_hidden": heads.hidden if heads is not None else 0,
     }
 
 
-def new_stats(model, encoder_average: str = "stream") -> ExitStats:
+def arch_sizes(arch: str, vocab: int) -> dict:
+    """The same sizes for a registered arch (e.g. the full model an OFA-Tiny run is compared with),
+    without building it; ``vocab``: the dictionary size (the task's)."""
+    from mue.models.mue_ofa import ARCHS  # here: mue.models must not be imported by mue.exiting at load
+
+    if arch not in ARCHS:
+        raise ValueError(f"unknown reference arch {arch!r}; choose from {sorted(ARCHS)}")
+    a = ARCHS[arch]
+    return {
+        "d": a["encoder_embed_dim"], "enc_ffn": a["encoder_ffn_embed_dim"], "dec_ffn": a["decoder_ffn_embed_dim"],
+        "n_enc": a["encoder_layers"], "n_dec": a["decoder_layers"], "vocab": int(vocab),
+        "resnet_blocks": tuple(int(b) for b in a["resnet_blocks"].split(",")), "imitation_hidden": 0,
+    }
+
+
+def new_stats(model, encoder_average: str = "stream", reference_sizes: Optional[dict] = None) -> ExitStats:
+    """ExitStats for `model`; with `reference_sizes` (model_sizes/arch_sizes of a larger model), Eq. 14
+    is taken against the reference's depths."""
     sizes = model_sizes(model)
-    return ExitStats(sizes["n_enc"], sizes["n_dec"], encoder_average=encoder_average)
+    ref = (reference_sizes["n_enc"], reference_sizes["n_dec"]) if reference_sizes else None
+    return ExitStats(sizes["n_enc"], sizes["n_dec"], encoder_average=encoder_average, reference_layers=ref)
 
 
-def account(stats: ExitStats, trace: ExitTrace, sizes: dict) -> ExitStats:
-    """Add everything recorded in `trace` to `stats`, then clear the trace."""
-    d = sizes["d"]
+def account(stats: ExitStats, trace: ExitTrace, sizes: dict, reference_sizes: Optional[dict] = None) -> ExitStats:
+    """Add everything recorded in `trace` to `stats`, then clear the trace.
+
+    "spent" counts what this model ran; "full" what the full model would run on the same inputs: this
+    model without exits, or the `reference_sizes` model (a larger one) when given. Exit decisions that
+    project onto the vocabulary or run imitation heads are spent under "exit_classifier" (full: 0).
+    """
+    ref = reference_sizes or sizes
+    d, rd = sizes["d"], ref["d"]
+    n_enc, rn_enc = sizes["n_enc"], ref["n_enc"]
     for rec in trace.encoder:
         stats.add_encoder(rec.image_depths, rec.text_depths, rec.image_tokens, rec.text_tokens)
-        n_enc = sizes["n_enc"]
         for i in range(rec.text_depths.numel()):
             p, s = int(rec.image_tokens[i]), int(rec.text_tokens[i])
             if p and rec.image_hw:
-                stem = resnet_stem_flops(rec.image_hw, d, sizes["resnet_blocks"])
-                stats.add_flops("resnet_stem", stem, stem)
+                stats.add_flops("resnet_stem", resnet_stem_flops(rec.image_hw, d, sizes["resnet_blocks"]),
+                                resnet_stem_flops(rec.image_hw, rd, ref["resnet_blocks"]))
             if rec.joint:
                 per_layer = encoder_layer_flops(p + s, p + s, d, sizes["enc_ffn"])
+                ref_layer = encoder_layer_flops(p + s, p + s, rd, ref["enc_ffn"])
                 depth = int(rec.text_depths[i])
                 share = p / (p + s)
-                stats.add_flops("encoder_image", depth * per_layer * share, n_enc * per_layer * share)
-                stats.add_flops("encoder_text", depth * per_layer * (1 - share), n_enc * per_layer * (1 - share))
+                stats.add_flops("encoder_image", depth * per_layer * share, rn_enc * ref_layer * share)
+                stats.add_flops("encoder_text", depth * per_layer * (1 - share), rn_enc * ref_layer * (1 - share))
             else:
                 if p:
-                    per_layer = encoder_layer_flops(p, p, d, sizes["enc_ffn"])
-                    stats.add_flops("encoder_image", int(rec.image_depths[i]) * per_layer, n_enc * per_layer)
-                per_layer = encoder_layer_flops(s, s, d, sizes["enc_ffn"])
-                stats.add_flops("encoder_text", int(rec.text_depths[i]) * per_layer, n_enc * per_layer)
-    n_dec = sizes["n_dec"]
-    out_proj = output_projection_flops(d, sizes["vocab"])
+                    stats.add_flops("encoder_image", int(rec.image_depths[i]) * encoder_layer_flops(p, p, d, sizes["enc_ffn"]),
+                                    rn_enc * encoder_layer_flops(p, p, rd, ref["enc_ffn"]))
+                stats.add_flops("encoder_text", int(rec.text_depths[i]) * encoder_layer_flops(s, s, d, sizes["enc_ffn"]),
+                                rn_enc * encoder_layer_flops(s, s, rd, ref["enc_ffn"]))
+    n_dec, rn_dec = sizes["n_dec"], ref["n_dec"]
+    out_proj, ref_out_proj = output_projection_flops(d, sizes["vocab"]), output_projection_flops(rd, ref["vocab"])
+    head = imitation_head_flops(d, sizes["imitation_hidden"]) if sizes.get("imitation_hidden") else 0
     for rec in trace.decoder:
         stats.add_decoder(rec.depths)
         rows = rec.depths.numel()
         if rec.n_past == 1:  # cross-attention keys/values: once per sequence, every layer
-            kv = sum(cross_kv_flops(int(n), d) for n in rec.n_src) * n_dec
-            stats.add_flops("cross_kv", kv, kv)
+            stats.add_flops("cross_kv", sum(cross_kv_flops(int(n), d) for n in rec.n_src) * n_dec,
+                            sum(cross_kv_flops(int(n), rd) for n in rec.n_src) * rn_dec)
         spent = full = 0
         for i in range(rows):
-            per_layer = decoder_layer_flops_step(d, sizes["dec_ffn"], rec.n_past, int(rec.n_src[i]))
-            spent += int(rec.depths[i]) * per_layer
-            full += n_dec * per_layer
+            spent += int(rec.depths[i]) * decoder_layer_flops_step(d, sizes["dec_ffn"], rec.n_past, int(rec.n_src[i]))
+            full += rn_dec * decoder_layer_flops_step(rd, ref["dec_ffn"], rec.n_past, int(rec.n_src[i]))
         stats.add_flops("decoder_layers", spent, full)
         stats.add_flops("kv_fill", rec.kv_filled * kv_fill_flops(d), 0)
-        stats.add_flops("output_projection", rows * out_proj, rows * out_proj)
+        stats.add_flops("output_projection", rows * out_proj, rows * ref_out_proj)
+        if rec.exit_head_calls and not head:
+            raise ValueError("account: the trace records imitation-head calls but `sizes` has no imitation_hidden "
+                             "(read the sizes off the model with its exit heads: model_sizes(model))")
+        stats.add_flops("exit_classifier", rec.exit_projections * out_proj + rec.exit_head_calls * head, 0)
     trace.clear()
     return stats

@@ -20,6 +20,7 @@ __all__ = [
     "cross_kv_flops",
     "output_projection_flops",
     "kv_fill_flops",
+    "imitation_head_flops",
 ]
 
 
@@ -158,3 +159,10 @@ def kv_fill_flops(d: int) -> int:
     ``copy`` KV policy: the k and v linear maps of the exit state (LayerNorm ignored)."""
     d = _positive_int(d, "d", "kv_fill_flops")
     return 2 * 2 * d * d
+
+
+def imitation_head_flops(d: int, hidden: int) -> int:
+    """FLOPs of one imitation head (d -> hidden -> d MLP, mue.exiting.baselines) for one token."""
+    d = _positive_int(d, "d", "imitation_head_flops")
+    hidden = _positive_int(hidden, "hidden", "imitation_head_flops")
+    return 2 * 2 * d * hidden

@@ -23,6 +23,11 @@ How the two encoder streams (image, text) make n_E, option ``encoder_average``:
     480 px) usually dominate the ~20 text tokens.
 Both are reported; ``encoder_average`` picks the one that enters Eq. 14.
 
+Against a larger model (``reference_layers=(N_E_ref, N_D_ref)``, e.g. OFA-Tiny against the full
+model): Eq. 14 divides this model's mean layers by the reference's depths instead of its own, and
+accounting (``mue.exiting.accounting.account`` with ``reference_sizes``) counts the reference model's
+FLOPs as "full", so ``flops_reduction`` is against the reference.
+
 A stream "exists" in a row when it has > 0 tokens; its depth must then be in
 [1, N_E] (layer 1 is always run).  Depths of absent streams are ignored.
 """
@@ -31,7 +36,7 @@ import math
 import time
 from collections import Counter
 from contextlib import contextmanager
-from typing import Dict, Mapping, Optional
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -45,6 +50,7 @@ FLOP_COMPONENTS = (
     "decoder_layers",
     "kv_fill",
     "output_projection",
+    "exit_classifier",  # exit decisions that project onto the vocabulary / run imitation heads (baselines)
 )
 ENCODER_AVERAGES = ("stream", "token")
 
@@ -91,9 +97,12 @@ class ExitStats:
         n_enc_layers: N_E, encoder layers of the full model.
         n_dec_layers: N_D, decoder layers of the full model.
         encoder_average: ``'stream'`` or ``'token'``, how n_E enters Eq. 14 (module doc).
+        reference_layers: optional ``(N_E_ref, N_D_ref)`` of a larger reference model, each >= this
+            model's: Eq. 14 and the logged full-layer sums use them (module doc).
     """
 
-    def __init__(self, n_enc_layers: int, n_dec_layers: int, encoder_average: str = "stream"):
+    def __init__(self, n_enc_layers: int, n_dec_layers: int, encoder_average: str = "stream",
+                 reference_layers: Optional[Sequence[int]] = None):
         for name, value in (("n_enc_layers", n_enc_layers), ("n_dec_layers", n_dec_layers)):
             if isinstance(value, bool) or int(value) != value or value < 1:
                 raise ValueError(f"ExitStats: {name} must be an integer >= 1, got {value!r}")
@@ -104,6 +113,14 @@ class ExitStats:
             )
         self.n_enc_layers = int(n_enc_layers)
         self.n_dec_layers = int(n_dec_layers)
+        self.reference_layers = None
+        if reference_layers is not None:
+            ref = tuple(reference_layers)
+            if (len(ref) != 2 or any(isinstance(v, bool) or int(v) != v for v in ref)
+                    or ref[0] < self.n_enc_layers or ref[1] < self.n_dec_layers):
+                raise ValueError(f"ExitStats: reference_layers must be (N_E_ref, N_D_ref), integers >= this "
+                                 f"model's ({self.n_enc_layers}, {self.n_dec_layers}), got {reference_layers!r}")
+            self.reference_layers = (int(ref[0]), int(ref[1]))
         self.encoder_average = encoder_average
         self.image_hist: Counter = Counter()   # depth -> samples (rows with an image)
         self.text_hist: Counter = Counter()    # depth -> samples (rows with text)
@@ -200,8 +217,8 @@ class ExitStats:
 
     def merge(self, other: "ExitStats") -> "ExitStats":
         """Add ``other``'s counts into this one (same N_E, N_D, encoder_average)."""
-        mine = (self.n_enc_layers, self.n_dec_layers, self.encoder_average)
-        theirs = (other.n_enc_layers, other.n_dec_layers, other.encoder_average)
+        mine = (self.n_enc_layers, self.n_dec_layers, self.encoder_average, self.reference_layers)
+        theirs = (other.n_enc_layers, other.n_dec_layers, other.encoder_average, other.reference_layers)
         if mine != theirs:
             raise ValueError(f"ExitStats.merge: configs differ, {mine} vs {theirs}")
         self.image_hist.update(other.image_hist)
@@ -220,6 +237,11 @@ class ExitStats:
 
     # ---------------------------------------------------------------- reading
     @property
+    def eq14_layers(self) -> Tuple[int, int]:
+        """(N_E, N_D) that Eq. 14 divides by: the reference's when given, else this model's."""
+        return self.reference_layers or (self.n_enc_layers, self.n_dec_layers)
+
+    @property
     def n_tokens(self) -> int:
         return sum(self.decoder_hist.values())
 
@@ -234,17 +256,17 @@ class ExitStats:
     def sums(self) -> Dict[str, float]:
         """Raw, summable numbers (for fairseq logging outputs / metrics)."""
         if self.encoder_average == "stream":
-            enc_depth, enc_full = self.enc_stream_depth_sum, self.n_samples * self.n_enc_layers
+            enc_depth, enc_full = self.enc_stream_depth_sum, self.n_samples * self.eq14_layers[0]
         else:
             enc_tokens = self.image_tokens + self.text_tokens
-            enc_depth, enc_full = self.enc_token_depth_sum, enc_tokens * self.n_enc_layers
+            enc_depth, enc_full = self.enc_token_depth_sum, enc_tokens * self.eq14_layers[0]
         return {
             "n_samples": self.n_samples,
             "n_tokens": self.n_tokens,
             "enc_depth_sum": enc_depth,
             "enc_full_sum": enc_full,
             "dec_depth_sum": sum(k * v for k, v in self.decoder_hist.items()),
-            "dec_full_sum": self.n_tokens * self.n_dec_layers,
+            "dec_full_sum": self.n_tokens * self.eq14_layers[1],
             "flops_spent": sum(self.flops_spent.values()),
             "flops_full": sum(self.flops_full.values()),
             "wall_clock_s": self.wall_clock_s,
@@ -261,11 +283,13 @@ class ExitStats:
         dec_mean = self._mean(self.decoder_hist)
         etr = None
         if enc_mean is not None and dec_mean is not None:
-            etr = expected_time_reduction(enc_mean / self.n_enc_layers, dec_mean / self.n_dec_layers)
+            ref_enc, ref_dec = self.eq14_layers
+            etr = expected_time_reduction(enc_mean / ref_enc, dec_mean / ref_dec)
         full = s["flops_full"]
         return {
             "n_enc_layers": self.n_enc_layers,
             "n_dec_layers": self.n_dec_layers,
+            "reference_layers": list(self.reference_layers) if self.reference_layers else None,
             "encoder_average": self.encoder_average,
             "n_samples": self.n_samples,
             "n_tokens": self.n_tokens,
@@ -308,7 +332,9 @@ class ExitStats:
             f"  mean layers: image {num(s['mean_image_layers'])}/{ne}  text {num(s['mean_text_layers'])}/{ne}"
             f"  encoder {num(s['mean_encoder_layers'])}/{ne}  decoder {num(s['mean_decoder_layers'])}/{nd}",
             f"  decoder exits: {hist}",
-            f"  expected time (Eq. 14): {pct(s['expected_time_reduction'])}",
+            f"  expected time (Eq. 14): {pct(s['expected_time_reduction'])}"
+            + (f" against a reference of N_E={self.eq14_layers[0]}, N_D={self.eq14_layers[1]}"
+               if self.reference_layers else ""),
             f"  FLOPs: {s['flops_spent'] / 1e9:.3f} G of {s['flops_full'] / 1e9:.3f} G"
             f" ({pct(s['flops_reduction'])})",
             f"  wall clock: {s['wall_clock_s']:.2f} s",
@@ -323,6 +349,7 @@ class ExitStats:
                 "n_enc_layers": self.n_enc_layers,
                 "n_dec_layers": self.n_dec_layers,
                 "encoder_average": self.encoder_average,
+                "reference_layers": list(self.reference_layers) if self.reference_layers else None,
             },
             "state": {
                 "image_hist": dict(self.image_hist),

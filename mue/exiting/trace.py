@@ -22,6 +22,8 @@ class DecoderStepRecord:
     n_past: int  # positions attended by self-attention (this one included)
     n_src: torch.Tensor  # [B] encoder positions attended by cross-attention
     kv_filled: int  # (row, layer) key/value entries computed for skipped layers
+    exit_projections: int = 0  # (row, layer) vocabulary projections made to decide exits (entropy, patience, imitation)
+    exit_head_calls: int = 0  # (row, layer) imitation-head applications made to decide exits
 
 
 @dataclass
@@ -37,5 +39,7 @@ class ExitTrace:
         tensors = (t.detach().cpu() for t in (image_depths, text_depths, image_tokens, text_tokens))
         self.encoder.append(EncoderRecord(*tensors, joint, tuple(image_hw)))
 
-    def add_decoder_step(self, depths, n_past: int, n_src, kv_filled: int):
-        self.decoder.append(DecoderStepRecord(depths.detach().cpu(), int(n_past), n_src.detach().cpu(), int(kv_filled)))
+    def add_decoder_step(self, depths, n_past: int, n_src, kv_filled: int, exit_projections: int = 0,
+                         exit_head_calls: int = 0):
+        self.decoder.append(DecoderStepRecord(depths.detach().cpu(), int(n_past), n_src.detach().cpu(), int(kv_filled),
+                                              int(exit_projections), int(exit_head_calls)))

@@ -10,7 +10,8 @@ import time
 
 from fairseq.sequence_generator import SequenceGenerator
 
-from mue.exiting.accounting import account, model_sizes, new_stats
+from mue.exiting.accounting import account, arch_sizes, model_sizes, new_stats
+from mue.exiting.baselines import make_decoder_rule
 from mue.exiting.schedule import ThresholdSchedule
 from mue.exiting.settings import ExitSettings
 from mue.exiting.trace import ExitTrace
@@ -26,28 +27,44 @@ def exit_settings_from_cfg(cfg) -> dict:
         "dec_decay_beta": cfg.dec_decay_beta,
         "dec_decay_tau": cfg.dec_decay_tau,
         "kv_policy": cfg.kv_policy,
+        "exit_policy": getattr(cfg, "exit_policy", "cosine"),
+        "exit_entropy": getattr(cfg, "exit_entropy", 0.0),
+        "exit_patience": getattr(cfg, "exit_patience", 0),
     }
 
 
 def make_settings(img_thres=1.0, txt_thres=1.0, dec_thres=1.0, dec_schedule="constant", dec_decay_beta=0.95,
-                  dec_decay_tau=1.0, kv_policy="copy", max_len=1, trace=None) -> ExitSettings:
-    """ExitSettings with a decoder schedule over N = max_len steps."""
+                  dec_decay_tau=1.0, kv_policy="copy", max_len=1, trace=None, exit_policy="cosine",
+                  exit_entropy=0.0, exit_patience=0) -> ExitSettings:
+    """ExitSettings with a decoder schedule over N = max_len steps and the decoder exit rule of
+    `exit_policy` (mue.exiting.baselines; --dec-thres is the cosine rule's knob only)."""
     schedule = ThresholdSchedule.from_args(dec_schedule, float(dec_thres), dec_decay_beta, dec_decay_tau, max(1, max_len))
-    return ExitSettings(img_thres=img_thres, txt_thres=txt_thres,
+    if exit_policy != "cosine" and not schedule.never_exits:
+        raise ValueError(f"--dec-thres < 1 is the cosine rule's knob; --exit-policy {exit_policy} exits by "
+                         + ("--exit-patience" if exit_policy == "patience" else "--exit-entropy"))
+    rule = make_decoder_rule(exit_policy, exit_entropy, exit_patience)
+    return ExitSettings(img_thres=img_thres, txt_thres=txt_thres, dec_rule=rule,
                         dec_schedule=None if schedule.never_exits else schedule, kv_policy=kv_policy, trace=trace)
 
 
 class MueSequenceGenerator(SequenceGenerator):
-    def __init__(self, models, tgt_dict, exit_kwargs=None, **kwargs):
+    """`reference_arch`: count Eq. 14 and FLOPs against that (larger) registered arch, e.g. when the
+    models are an OFA-Tiny baseline (mue.exiting.accounting.arch_sizes)."""
+
+    def __init__(self, models, tgt_dict, exit_kwargs=None, reference_arch=None, **kwargs):
         super().__init__(models, tgt_dict, **kwargs)
         self.exit_kwargs = dict(exit_kwargs or {})
-        make_settings(**self.exit_kwargs)  # validate the knobs now, not at the first batch
+        settings = make_settings(**self.exit_kwargs)  # validate the knobs now, not at the first batch
         self.mue_models = list(models)
+        if settings.dec_rule.uses_heads:
+            for model in self.mue_models:
+                settings.dec_rule.heads(model.decoder)  # a clear error now if the heads are missing
         self.sizes = model_sizes(self.mue_models[0])
-        self.stats = new_stats(self.mue_models[0])
+        self.reference_sizes = arch_sizes(reference_arch, self.sizes["vocab"]) if reference_arch else None
+        self.stats = new_stats(self.mue_models[0], reference_sizes=self.reference_sizes)
 
     def reset_stats(self):
-        self.stats = new_stats(self.mue_models[0])
+        self.stats = new_stats(self.mue_models[0], reference_sizes=self.reference_sizes)
 
     @contextlib.contextmanager
     def exits_attached(self, max_len: int):
@@ -64,7 +81,7 @@ class MueSequenceGenerator(SequenceGenerator):
         finally:
             for model in self.mue_models:
                 model.set_exit_settings(None)
-        account(self.stats, trace, self.sizes)
+        account(self.stats, trace, self.sizes, self.reference_sizes)
 
     def _generate(self, sample, prefix_tokens=None, constraints=None, bos_token=None):
         src_len = int(sample["net_input"]["src_tokens"].size(1))

@@ -114,14 +114,16 @@ class MueDecoder(FairseqIncrementalDecoder):
 
         x = self._embed(tokens)
         inner_states: List[torch.Tensor] = [x.transpose(0, 1)]
+        rule = settings.dec_rule if settings is not None else None
         thresholds = None
         if settings is not None and forced_depths is None:
             thresholds = torch.tensor([settings.dec_threshold(t) for t in range(length)], device=x.device)
-            if bool((thresholds >= 1.0).all()):
-                thresholds = None
+            thresholds = thresholds if rule.enabled(thresholds) else None
         exiting = forced_depths is not None or thresholds is not None
         active = torch.ones(bsz, length, dtype=torch.bool, device=x.device)
         depths = torch.zeros(bsz, length, dtype=torch.long, device=x.device)
+        decided = torch.zeros(bsz, length, dtype=torch.long, device=x.device)  # exit decisions per position
+        state = rule.new_state(bsz * length, x.device) if thresholds is not None else None
         layer_blocked = blocked
         for idx, layer in enumerate(self.layers):
             if exiting and settings is not None and settings.kv_policy == "drop":
@@ -131,20 +133,31 @@ class MueDecoder(FairseqIncrementalDecoder):
             out = layer(x, k, v, self._self_bias(idx, length, abs_bias, False)[None], layer_blocked,
                         ck, cv, cross_bias, cross_blocked)
             depths += active.long()
-            if exiting:
+            if exiting and idx < len(self.layers) - 1:
                 out = torch.where(active[..., None], out, x)
+                if thresholds is not None:
+                    decided += active.long()
                 if forced_depths is not None:
                     stop = forced_depths <= idx + 1
+                    exited = rule.exit_state(idx, out, self) if rule is not None else out
                 else:
-                    similarity = settings.policy.similarity(out.flatten(0, 1)[:, None], x.flatten(0, 1)[:, None]).view(bsz, length)
-                    stop = similarity > thresholds
+                    flat = out.flatten(0, 1)[:, None]
+                    stop, exited = rule.decide(idx, flat, x.flatten(0, 1)[:, None], thresholds.expand(bsz, length).flatten(),
+                                               self, state, None)
+                    stop, exited = stop.view(bsz, length), (out if exited is flat else exited.view_as(out))
+                if exited is not out:  # the rule replaces the state of rows that exit here
+                    out = torch.where((stop & active)[..., None], exited, out)
                 active = active & ~stop
+            elif exiting:
+                out = torch.where(active[..., None], out, x)
             x = out
             inner_states.append(x.transpose(0, 1))
         if settings is not None and settings.trace is not None:
             n_src = (~encoder_out["encoder_padding_mask"][0]).sum(1)
+            projected = decided.sum(0) if rule is not None and rule.projects else torch.zeros_like(decided[0])
+            heads = projected if rule is not None and rule.uses_heads else torch.zeros_like(projected)
             for t in range(length):
-                settings.trace.add_decoder_step(depths[:, t], t + 1, n_src, 0)
+                settings.trace.add_decoder_step(depths[:, t], t + 1, n_src, 0, int(projected[t]), int(heads[t]))
         return x, {"attn": [None], "inner_states": inner_states, "exit_depths": depths}
 
     def _step(self, tokens, encoder_out, incremental_state):
@@ -164,6 +177,10 @@ class MueDecoder(FairseqIncrementalDecoder):
                                   self.heads, self.pos_scaling)
         cross_bias = self._cross_bias(positions[-1:], encoder_out)
         threshold = settings.dec_threshold(step) if settings is not None else 1.0
+        rule = settings.dec_rule if settings is not None else None
+        deciding = rule is not None and rule.enabled(threshold)
+        state = rule.new_state(bsz, tokens.device) if deciding else None
+        decided = 0
 
         x = self._embed(tokens[:, -1:])
         everyone = torch.arange(bsz, device=x.device)
@@ -201,15 +218,20 @@ class MueDecoder(FairseqIncrementalDecoder):
             out = layer(inputs, keys, values, self._self_bias(idx, length, abs_bias, True)[None], blocked,
                         cross_k, cross_v, cross_bias, enc_padding[active][:, None, None, :])
             depths[active] += 1
+            stop = None
+            if deciding and idx < len(self.layers) - 1:
+                stop, out = rule.decide(idx, out, inputs, threshold, self, state, active)
+                decided += active.numel()
             x = out if full else x.index_copy(0, active, out)
-            if threshold < 1.0 and idx < len(self.layers) - 1:
-                similarity = settings.policy.similarity(out, inputs)
-                active = active[~settings.policy.should_exit(similarity, threshold)]
+            if stop is not None:
+                active = active[~stop]
         if policy_name == "recompute":
             self._append(cache, "h_exit", x, 1)
         self.set_incremental_state(incremental_state, "cache", cache)
         if settings is not None and settings.trace is not None:
-            settings.trace.add_decoder_step(depths, length, (~enc_padding).sum(1), kv_filled)
+            projected = decided if rule.projects else 0
+            settings.trace.add_decoder_step(depths, length, (~enc_padding).sum(1), kv_filled, projected,
+                                            projected if rule.uses_heads else 0)
         return x, {"attn": [None], "inner_states": [x.transpose(0, 1)], "exit_depths": depths[:, None]}
 
     @staticmethod

@@ -101,6 +101,7 @@ def _sizes(dim, layers, heads, ffn, resnet, **extra):
 ARCHS = {
     # CPU work: OFA-base's depth (6+6, so exit fractions compare), small width, one block per ResNet stage
     "mue_ofa_micro": _sizes(128, 6, 4, 512, "1,1,1", max_source_positions=256, max_target_positions=256),
+    "mue_ofa_nano": _sizes(96, 3, 4, 384, "1,1,1", max_source_positions=256, max_target_positions=256),  # OFA-Tiny baseline of micro
     "mue_ofa_tiny": _sizes(256, 4, 4, 1024, "3,4,6"),
     "mue_ofa_medium": _sizes(512, 4, 8, 2048, "3,4,23"),
     "mue_ofa_base": _sizes(768, 6, 12, 3072, "3,4,23"),

@@ -2,10 +2,21 @@
 
 Derived buffers (relative-position bucket tables, version counters, OFA's image-code position ids)
 are recomputed by the model, so they are dropped from incoming state dicts instead of trusted.
+
+Optional modules (``OPTIONAL_PREFIXES``: the imitation heads ``decoder.exit_heads.*`` that only
+``--exit-policy imitation`` adds) are checked like everything else when both the model and the
+checkpoint hold them. The one exception: a model that has them may load a checkpoint that has none of
+them (an OFA or MuE backbone, before the heads are trained); the heads then keep their initial values
+and a warning says so. A checkpoint holding them for a model without them is still rejected
+(unexpected keys), as is a checkpoint holding only some of them (missing keys).
 """
+import logging
 import re
 
+logger = logging.getLogger(__name__)
+
 DERIVED = re.compile(r"(^|\.)(version|token_rp_bucket|image_rp_bucket|image_position_idx)$")
+OPTIONAL_PREFIXES = ("decoder.exit_heads.",)
 
 
 class CheckpointMismatchError(ValueError):
@@ -19,6 +30,11 @@ def check_and_clean_state_dict(model, state_dict, strict=True):
     if not strict:
         return cleaned
     expected = model.state_dict()
+    for prefix in OPTIONAL_PREFIXES:
+        mine = [k for k in expected if k.startswith(prefix)]
+        if mine and not any(k.startswith(prefix) for k in cleaned):
+            logger.warning("the checkpoint has no %s* parameters: they keep their initial values", prefix)
+            cleaned.update({k: expected[k] for k in mine})
     missing = sorted(set(expected) - set(cleaned))
     unexpected = sorted(set(cleaned) - set(expected))
     misshaped = sorted(
@@ -33,6 +49,9 @@ def check_and_clean_state_dict(model, state_dict, strict=True):
             if names:
                 shown = names[:20] + ([f"... and {len(names) - 20} more"] if len(names) > 20 else [])
                 lines.append(f"  {title} ({len(names)}): " + ", ".join(shown))
+        if any(k.startswith(OPTIONAL_PREFIXES) for k in unexpected):
+            lines.append("  hint: the checkpoint has imitation heads (decoder.exit_heads); evaluate it with "
+                         "--exit-policy imitation")
         vocab = [m for m in misshaped if "embed_tokens" in m or "output_projection" in m]
         if vocab:
             lines.append("  hint: the vocabulary size differs; build the task on the dictionary the checkpoint was "

@@ -41,6 +41,11 @@ class CaptionConfig(VisionLanguageConfig):
     eval_args: str = field(
         default='{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}',
         metadata={"help": "generation options for validation, as json (fairseq GenerationConfig fields)"})
+    eval_metrics: str = field(
+        default="bleu,meteor,rouge,cider,spice",
+        metadata={"help": "pycocoevalcap metrics computed by fairseq-generate (comma-separated subset of "
+                          "bleu,meteor,rouge,cider,spice); METEOR starts a JVM (~9 s), so threshold sweeps "
+                          "may leave it out"})
 
 
 @register_task("mue_caption", dataclass=CaptionConfig)
@@ -52,6 +57,16 @@ class CaptionTask(VisionLanguageTask):
         super().__init__(cfg, dictionary, tokenizer)
         self.sequence_generator = None
         self._results = {}
+
+    @property
+    def eval_metric_names(self):
+        from mue.evaluation.caption_metrics import ALL_METRICS
+
+        names = [m.strip() for m in self.cfg.eval_metrics.split(",") if m.strip()]
+        unknown = sorted(set(names) - set(ALL_METRICS))
+        if unknown or not names:
+            raise ValueError(f"--eval-metrics: unknown {unknown or 'empty list'}; choose from {','.join(ALL_METRICS)}")
+        return names
 
     def check_dictionary(self, path):
         if self.tokenizer.encode(CAPTION_PROMPT, self.dict).eq(self.dict.unk()).any():
@@ -148,7 +163,7 @@ class CaptionTask(VisionLanguageTask):
         self._results.pop(split)
         if not complete:
             return  # count_evaluated logged the error: no scores over a partial split
-        scores = results.compute()
+        scores = results.compute(metrics=self.eval_metric_names)
         logger.info("caption metrics on %s (%d images): %s", split, len(results),
                     ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
         self.finish_evaluation(split, scores, len(results), results.predictions(), generator)

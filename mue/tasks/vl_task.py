@@ -29,6 +29,8 @@ from omegaconf import II
 from mue.data.dictionary import build_ofa_dictionary
 from mue.data.readers import CocoCaptionJson, DataError, OfaCaptionTsv, SnliVeJsonl
 from mue.data.tokenizer import Tokenizer
+from mue.exiting.baselines import (EXIT_POLICIES, attach_imitation_heads, make_decoder_rule,
+                                   validate_exit_entropy, validate_exit_patience)
 from mue.exiting.policy import NEVER_EXIT, validate_threshold
 from mue.exiting.schedule import SCHEDULE_KINDS
 from mue.exiting.settings import KV_POLICIES
@@ -37,7 +39,9 @@ logger = logging.getLogger(__name__)
 
 DATA_FORMATS = ("auto", "tsv", "coco", "snli_jsonl")
 EXIT_THRESHOLDS = ("img_thres", "txt_thres", "dec_thres")
-EXIT_OPTIONS = EXIT_THRESHOLDS + ("dec_schedule", "dec_decay_beta", "dec_decay_tau", "kv_policy")
+EXIT_OPTIONS = EXIT_THRESHOLDS + ("dec_schedule", "dec_decay_beta", "dec_decay_tau", "kv_policy", "exit_policy",
+                                   "exit_entropy", "exit_patience")
+TEXT_OPTIONS = ("dec_schedule", "kv_policy", "exit_policy")  # exit options recorded as strings
 
 
 @dataclass
@@ -74,6 +78,23 @@ class VisionLanguageConfig(FairseqDataclass):
     dec_decay_tau: float = field(default=1.0, metadata={"help": "tau of the decay schedule"})
     kv_policy: ChoiceEnum(KV_POLICIES) = field(
         default="copy", metadata={"help": "keys/values of decoder layers a token skipped: copy, recompute, drop"})
+    exit_policy: ChoiceEnum(EXIT_POLICIES) = field(
+        default="cosine", metadata={"help": "decoder exit rule: cosine (MuE, --dec-thres), entropy (DeeBERT-style, "
+                                            "--exit-entropy), patience (PABEE-style, --exit-patience), imitation "
+                                            "(DeeCap-style: imitation heads on the model, --exit-entropy); "
+                                            "encoder streams always use cosine"})
+    exit_entropy: float = field(
+        default=0.0, metadata={"help": "entropy/imitation rules: exit when the prediction's entropy (nats) is "
+                                       "below this (0: never)"})
+    exit_patience: int = field(
+        default=0, metadata={"help": "patience rule: exit once the argmax prediction stayed unchanged for this "
+                                     "many consecutive layers (0: never)"})
+    imitation_hidden: int = field(
+        default=0, metadata={"help": "hidden size of each imitation head (--exit-policy imitation; 0: the model "
+                                     "dimension)"})
+    reference_arch: Optional[str] = field(
+        default=None, metadata={"help": "count Eq. 14 and FLOPs against this larger registered arch (e.g. "
+                                        "mue_ofa_micro when evaluating an OFA-Tiny baseline mue_ofa_nano)"})
     eval_print_samples: bool = field(default=False, metadata={"help": "log one prediction per validation batch"})
     eval_results: Optional[str] = field(
         default=None, metadata={"help": "json file for the predictions, scores and exit statistics of an "
@@ -95,10 +116,26 @@ def validate_exit_options(cfg) -> None:
         raise ValueError(f"--dec-decay-beta must be in [0, 1], got {cfg.dec_decay_beta!r}")
     if not tau >= 0.0 or tau == float("inf"):
         raise ValueError(f"--dec-decay-tau must be a finite number >= 0, got {cfg.dec_decay_tau!r}")
+    policy = str(cfg.exit_policy)
+    validate_exit_entropy(cfg.exit_entropy)
+    validate_exit_patience(cfg.exit_patience)
+    make_decoder_rule(policy, cfg.exit_entropy, cfg.exit_patience)  # a knob of another rule is an error
+    if policy != "cosine" and float(cfg.dec_thres) < NEVER_EXIT:
+        raise ValueError(f"--dec-thres < 1 is the cosine rule's knob; --exit-policy {policy} exits by "
+                         + ("--exit-patience" if policy == "patience" else "--exit-entropy"))
+    if int(cfg.imitation_hidden) < 0:
+        raise ValueError(f"--imitation-hidden must be >= 0, got {cfg.imitation_hidden!r}")
+    if cfg.reference_arch:
+        from mue.models.mue_ofa import ARCHS
+
+        if cfg.reference_arch not in ARCHS:
+            raise ValueError(f"--reference-arch {cfg.reference_arch!r} is not a registered arch; choose from "
+                             f"{sorted(ARCHS)}")
 
 
 def exits_requested(cfg) -> bool:
-    return any(float(getattr(cfg, name)) < NEVER_EXIT for name in EXIT_THRESHOLDS)
+    return (any(float(getattr(cfg, name)) < NEVER_EXIT for name in EXIT_THRESHOLDS)
+            or float(cfg.exit_entropy) > 0 or int(cfg.exit_patience) > 0)
 
 
 def resolve_dict_file(cfg) -> str:
@@ -278,7 +315,7 @@ class VisionLanguageTask(FairseqTask):
             return
         record = {
             "task": self.RECORD_TASK, "run": self.cfg.eval_run_name, "split": split,
-            "thresholds": {k: (str(v) if k in ("dec_schedule", "kv_policy") else float(v))
+            "thresholds": {k: (str(v) if k in TEXT_OPTIONS else float(v))
                            for k, v in ((k, getattr(self.cfg, k)) for k in EXIT_OPTIONS)},
             "metrics": scores, "n_examples": n_examples, "split_size": len(self.datasets[split]),
             "exit": exit_summary, "predictions": predictions,
@@ -287,6 +324,14 @@ class VisionLanguageTask(FairseqTask):
         with open(self.cfg.eval_results, "w", encoding="utf-8") as f:
             json.dump(record, f, indent=1)
         logger.info("predictions, scores and exit statistics written to %s", self.cfg.eval_results)
+
+    # ---- model ------------------------------------------------------------------------------
+    def build_model(self, cfg, from_checkpoint=False):
+        """fairseq's model, plus the imitation heads (``decoder.exit_heads``) under --exit-policy imitation."""
+        model = super().build_model(cfg, from_checkpoint)
+        if self.cfg.exit_policy == "imitation":
+            attach_imitation_heads(model, self.cfg.imitation_hidden)
+        return model
 
     # ---- generation ------------------------------------------------------------------------
     def build_generator(self, models, args, seq_gen_cls=None, extra_gen_cls_kwargs=None,
@@ -307,8 +352,10 @@ class VisionLanguageTask(FairseqTask):
 
             seq_gen_cls = MueSequenceGenerator
             extra["exit_kwargs"] = exit_settings_from_cfg(self.cfg)
-        elif exits_requested(self.cfg):
-            raise ValueError("exit thresholds < 1 (--img-thres/--txt-thres/--dec-thres) need the exit-aware "
+            extra["reference_arch"] = self.cfg.reference_arch
+        elif exits_requested(self.cfg) or self.cfg.reference_arch:
+            raise ValueError("exit thresholds < 1 (--img-thres/--txt-thres/--dec-thres), --exit-entropy, "
+                             "--exit-patience and --reference-arch need the exit-aware "
                              "generator of mue.generation, which is not available")
         return super().build_generator(models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra,
                                        prefix_allowed_tokens_fn=prefix_allowed_tokens_fn)

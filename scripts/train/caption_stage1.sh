@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Caption stage 1: fine-tune OFA on COCO captions with MuE's layer-wise loss (cross-entropy stage).
+#
+#   scripts/train/caption_stage1.sh DATA_DIR OFA_CHECKPOINT SAVE_DIR [extra fairseq-train args]
+#   scripts/train/caption_stage1.sh --synthetic DATA_DIR SAVE_DIR [extra fairseq-train args]
+#
+# DATA_DIR holds OFA's caption TSVs (train.tsv one caption per line; valid.tsv/test.tsv with '&&'-joined
+# references) and dict.txt (or pass --dict-file). OFA_CHECKPOINT: an official OFA-base checkpoint converted
+# with `python -m mue.checkpoints.convert_ofa`, loaded with --finetune-from-model.
+# Hyperparameters (docs OFA_FACTS.md, "MuE reference runs"): lr 1e-5, 5 epochs, label smoothing 0.1,
+# frozen token embeddings, validation CIDEr with beam 5, max_len_b 16, no-repeat 3-gram; like SNLI-VE:
+# polynomial decay with 6 % warm-up, Adam (0.9, 0.999, 1e-8), weight decay 0.01, clip 1.0, dropout 0.1,
+# drop-path 0.1, 480 px, max source 80, max target 20, effective batch 64.
+# NOT IMPLEMENTED: OFA's "drop-worst" (ignore the 20 % highest-loss tokens after 6000 updates); the `mue`
+# criterion has no such option, so this run trains on every token. Results can differ slightly from OFA's.
+# The best checkpoint (by validation CIDEr) is SAVE_DIR/checkpoint_best.pt: the input of caption_stage2.sh.
+# --synthetic: mue_ofa_micro from scratch on a synthetic benchmark (generated into DATA_DIR if missing),
+# 64 px, CPU, 2 epochs, validation beam 2: a small CPU version of the same run.
+# Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, SYN_NUM_* (see common.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+parse_args "$@"
+
+if [[ "$SYNTHETIC" == 1 ]]; then
+    make_synthetic_data "$DATA_DIR"
+    DATA="$DATA_DIR/caption"
+    EPOCHS="${EPOCHS:-2}"
+    EVAL_ARGS='{"beam": 2, "max_len_b": 16, "no_repeat_ngram_size": 3}'
+    RUN=(--arch mue_ofa_micro --patch-image-size 64 --num-codes 0 --num-bins 0
+         --cpu --distributed-backend gloo --num-workers 0 --lr "${LR:-5e-4}" --log-interval 1)
+else
+    DATA="$DATA_DIR"
+    EPOCHS="${EPOCHS:-5}"
+    EVAL_ARGS='{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}'
+    RUN=(--arch mue_ofa_base --patch-image-size 480 --finetune-from-model "$CHECKPOINT"
+         --num-workers 4 --lr "${LR:-1e-5}" --log-interval 10)
+fi
+schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
+
+launch "$DATA" --task mue_caption "${RUN[@]}" \
+    --max-src-length 80 --max-tgt-length 20 --freeze-embeddings \
+    --criterion mue --label-smoothing 0.1 \
+    --dropout 0.1 --attention-dropout 0.0 --encoder-drop-path-rate 0.1 --decoder-drop-path-rate 0.1 \
+    --optimizer adam --adam-betas "(0.9,0.999)" --adam-eps 1e-08 --weight-decay 0.01 --clip-norm 1.0 \
+    --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" --total-num-update "$TOTAL_UPDATES" \
+    --max-epoch "$EPOCHS" --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ" \
+    --required-batch-size-multiple 1 --find-unused-parameters \
+    --eval-cider --eval-args "$EVAL_ARGS" \
+    --best-checkpoint-metric cider --maximize-best-checkpoint-metric \
+    --no-epoch-checkpoints --log-format simple \
+    "${EXTRA_ARGS[@]}"

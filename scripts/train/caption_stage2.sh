@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Caption stage 2: self-critical training with a CIDEr-D reward (criterion mue_scst), from stage 1.
+#
+#   scripts/train/caption_stage2.sh DATA_DIR STAGE1_CHECKPOINT SAVE_DIR [extra fairseq-train args]
+#   scripts/train/caption_stage2.sh --synthetic DATA_DIR SAVE_DIR [extra fairseq-train args]
+#
+# DATA_DIR: the caption TSVs of stage 1. STAGE1_CHECKPOINT: stage 1's best checkpoint
+# (caption_stage1.sh's SAVE_DIR/checkpoint_best.pt), loaded with --finetune-from-model.
+# Hyperparameters (docs OFA_FACTS.md, "MuE reference runs"): self-critical training, CIDEr-D reward with
+# document frequencies from the training references, leave-one-out baseline over 5 samples, lr 1e-5,
+# 3 epochs, no dropout (dropout and drop-path 0); as stage 1: polynomial decay with 6 % warm-up, Adam,
+# clip 1.0, frozen token embeddings, 480 px, effective batch 64 (BATCH_SIZE 2 per process by default:
+# each row becomes 5 sampled captions plus, with a CE weight, its ground truth).
+# CIDEr-D document frequencies: CIDER_DF (default SAVE_DIR/cider_d_df.json); mue_scst computes them from
+# the training references at the first step and writes the file when it does not exist yet.
+# SCST_CE_WEIGHT (default 0: plain SCST, as the reference run) adds that much of MuE's layer-wise
+# cross-entropy on the ground truth, to keep every decoder layer a usable exit.
+# --synthetic: mue_ofa_micro on a synthetic benchmark (generated into DATA_DIR if missing), 64 px, CPU,
+# 1 epoch; from scratch, or from FINETUNE_FROM (e.g. a synthetic stage-1 checkpoint_best.pt) when set.
+# Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, SYN_NUM_* (see common.sh), CIDER_DF,
+# SCST_CE_WEIGHT, FINETUNE_FROM (synthetic only).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+parse_args "$@"
+
+if [[ "$SYNTHETIC" == 1 ]]; then
+    make_synthetic_data "$DATA_DIR"
+    DATA="$DATA_DIR/caption"
+    EPOCHS="${EPOCHS:-1}"
+    EVAL_ARGS='{"beam": 2, "max_len_b": 16, "no_repeat_ngram_size": 3}'
+    RUN=(--arch mue_ofa_micro --patch-image-size 64 --num-codes 0 --num-bins 0
+         --cpu --distributed-backend gloo --num-workers 0 --lr "${LR:-1e-4}" --log-interval 1)
+    if [[ -n "${FINETUNE_FROM:-}" ]]; then
+        [[ -f "$FINETUNE_FROM" ]] || die "FINETUNE_FROM checkpoint not found: $FINETUNE_FROM"
+        RUN+=(--finetune-from-model "$FINETUNE_FROM")
+    fi
+else
+    DATA="$DATA_DIR"
+    EPOCHS="${EPOCHS:-3}"
+    BATCH_SIZE="${BATCH_SIZE:-2}"
+    EVAL_ARGS='{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}'
+    RUN=(--arch mue_ofa_base --patch-image-size 480 --finetune-from-model "$CHECKPOINT"
+         --num-workers 4 --lr "${LR:-1e-5}" --log-interval 10)
+fi
+schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
+mkdir -p "$SAVE_DIR"
+
+launch "$DATA" --task mue_caption "${RUN[@]}" \
+    --max-src-length 80 --max-tgt-length 20 --freeze-embeddings \
+    --criterion mue_scst --scst-samples 5 --scst-cider-df "${CIDER_DF:-$SAVE_DIR/cider_d_df.json}" \
+    --scst-ce-weight "${SCST_CE_WEIGHT:-0}" \
+    --dropout 0.0 --attention-dropout 0.0 --encoder-drop-path-rate 0.0 --decoder-drop-path-rate 0.0 \
+    --optimizer adam --adam-betas "(0.9,0.999)" --adam-eps 1e-08 --weight-decay 0.01 --clip-norm 1.0 \
+    --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" --total-num-update "$TOTAL_UPDATES" \
+    --max-epoch "$EPOCHS" --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ" \
+    --required-batch-size-multiple 1 --find-unused-parameters \
+    --eval-cider --eval-args "$EVAL_ARGS" \
+    --best-checkpoint-metric cider --maximize-best-checkpoint-metric \
+    --no-epoch-checkpoints --log-format simple \
+    "${EXTRA_ARGS[@]}"

@@ -1,0 +1,129 @@
+# Shared part of the MuE training scripts (snli_ve.sh, caption_stage1.sh, caption_stage2.sh); sourced, not run.
+#
+# What it does for a script:
+#   * parse_args "$@": full mode   SCRIPT DATA_DIR CHECKPOINT SAVE_DIR [extra fairseq-train args...]
+#                      synthetic   SCRIPT --synthetic DATA_DIR SAVE_DIR [extra fairseq-train args...]
+#     (or SYNTHETIC=1 in the environment instead of --synthetic);
+#   * make_synthetic_data DIR: writes a tiny synthetic benchmark there (mue.data.synthetic) unless present;
+#   * schedule_updates ROWS EPOCHS: BATCH_SIZE, UPDATE_FREQ (effective batch EFFECTIVE_BATCH),
+#     TOTAL_UPDATES and WARMUP_UPDATES (polynomial decay, WARMUP_RATIO of the total, default 0.06);
+#   * launch ARGS...: fairseq-train with ARGS, in one process, or under torchrun with NGPU processes.
+#
+# Environment (all optional):
+#   NGPU             processes/GPUs (default 1); > 1 uses torchrun --nproc-per-node NGPU and
+#                    --distributed-world-size NGPU (in synthetic mode CPU processes on gloo)
+#   BATCH_SIZE       sentences per process and step (default: 8; synthetic 8)
+#   EFFECTIVE_BATCH  sentences per update over all processes (default 64; synthetic BATCH_SIZE*NGPU):
+#                    --update-freq = EFFECTIVE_BATCH / (BATCH_SIZE * NGPU)
+#   EPOCHS           training epochs (default: the paper's; synthetic 2)
+#   SYN_NUM_TRAIN, SYN_NUM_VALID, SYN_NUM_TEST   synthetic images per split (default 64, 8, 8)
+#   PYTHON           python with mue and fairseq installed (default: python on PATH)
+#   FAIRSEQ_TRAIN    fairseq-train executable (default: fairseq-train on PATH)
+
+set -euo pipefail
+
+REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+USER_DIR="$REPO_ROOT/mue"
+PYTHON="${PYTHON:-python}"
+NGPU="${NGPU:-1}"
+WARMUP_RATIO="${WARMUP_RATIO:-0.06}"
+
+die() {
+    echo "$(basename "$0"): $*" >&2
+    exit 2
+}
+
+usage() {
+    die "usage: $(basename "$0") DATA_DIR CHECKPOINT SAVE_DIR [fairseq-train args...]
+       $(basename "$0") --synthetic DATA_DIR SAVE_DIR [fairseq-train args...]   (or SYNTHETIC=1)
+$1"
+}
+
+# Sets SYNTHETIC (0/1), DATA_DIR, CHECKPOINT (empty when synthetic), SAVE_DIR, EXTRA_ARGS (array).
+parse_args() {
+    SYNTHETIC="${SYNTHETIC:-0}"
+    if [[ "${1:-}" == "--synthetic" ]]; then
+        SYNTHETIC=1
+        shift
+    fi
+    [[ "$SYNTHETIC" == 0 || "$SYNTHETIC" == 1 ]] || usage "SYNTHETIC must be 0 or 1, got '$SYNTHETIC'"
+    CHECKPOINT=""
+    if [[ "$SYNTHETIC" == 1 ]]; then
+        [[ $# -ge 2 ]] || usage "synthetic mode needs DATA_DIR and SAVE_DIR"
+        DATA_DIR="$1"
+        SAVE_DIR="$2"
+        shift 2
+    else
+        [[ $# -ge 3 ]] || usage "needs DATA_DIR, CHECKPOINT and SAVE_DIR"
+        DATA_DIR="$1"
+        CHECKPOINT="$2"
+        SAVE_DIR="$3"
+        shift 3
+        [[ -d "$DATA_DIR" ]] || die "data directory not found: $DATA_DIR"
+        [[ -f "$CHECKPOINT" ]] || die "checkpoint not found: $CHECKPOINT (convert an official OFA one with: \
+$PYTHON -m mue.checkpoints.convert_ofa OFA.pt OUT.pt)"
+    fi
+    [[ "$NGPU" =~ ^[1-9][0-9]*$ ]] || die "NGPU must be a positive integer, got '$NGPU'"
+    EXTRA_ARGS=("$@")
+}
+
+# Writes a small synthetic benchmark into $1 unless $1/dict.txt exists.
+make_synthetic_data() {
+    local dir="$1"
+    if [[ -f "$dir/dict.txt" ]]; then
+        echo "using the synthetic data in $dir"
+        return
+    fi
+    "$PYTHON" -m mue.data.synthetic --out "$dir" --num-train "${SYN_NUM_TRAIN:-64}" \
+        --num-valid "${SYN_NUM_VALID:-8}" --num-test "${SYN_NUM_TEST:-8}" --image-size 64 >/dev/null
+    echo "wrote synthetic data to $dir"
+}
+
+# Non-blank lines of a TSV file: the training examples (caption TSV: one per caption).
+count_rows() {
+    [[ -f "$1" ]] || die "training file not found: $1"
+    grep -c . "$1" || true
+}
+
+# schedule_updates ROWS EPOCHS -> BATCH_SIZE, UPDATE_FREQ, TOTAL_UPDATES, WARMUP_UPDATES.
+# fairseq's polynomial_decay needs the update count (OFA gives a warm-up ratio), so it is computed here
+# the way fairseq batches: ceil(ceil(rows / (batch * ngpu)) / update_freq) updates per epoch.
+schedule_updates() {
+    local rows="$1" epochs="$2" per_step
+    BATCH_SIZE="${BATCH_SIZE:-8}"
+    per_step=$((BATCH_SIZE * NGPU))
+    if [[ -z "${EFFECTIVE_BATCH:-}" ]]; then
+        EFFECTIVE_BATCH=64
+        if [[ "$SYNTHETIC" == 1 ]]; then
+            EFFECTIVE_BATCH=$per_step
+        fi
+    fi
+    if ((EFFECTIVE_BATCH % per_step != 0)); then
+        die "EFFECTIVE_BATCH=$EFFECTIVE_BATCH is not a multiple of BATCH_SIZE*NGPU=$BATCH_SIZE*$NGPU"
+    fi
+    UPDATE_FREQ=$((EFFECTIVE_BATCH / per_step))
+    local steps=$(((rows + per_step - 1) / per_step))
+    local per_epoch=$(((steps + UPDATE_FREQ - 1) / UPDATE_FREQ))
+    TOTAL_UPDATES=$((per_epoch * epochs))
+    WARMUP_UPDATES=$("$PYTHON" -c "print(int($WARMUP_RATIO * $TOTAL_UPDATES))")
+    echo "$rows training rows, batch $BATCH_SIZE x $NGPU process(es) x update-freq $UPDATE_FREQ:" \
+        "$TOTAL_UPDATES updates over $epochs epoch(s), $WARMUP_UPDATES warm-up"
+}
+
+# launch ARGS...: fairseq-train ARGS (plus --user-dir), under torchrun when NGPU > 1.
+launch() {
+    local train="${FAIRSEQ_TRAIN:-$(command -v fairseq-train || true)}"
+    [[ -n "$train" ]] || die "fairseq-train not found on PATH (activate the virtualenv or set FAIRSEQ_TRAIN)"
+    mkdir -p "$SAVE_DIR"
+    local args=("$@" --user-dir "$USER_DIR" --save-dir "$SAVE_DIR")
+    if ((NGPU > 1)); then
+        # torchrun sets RANK/WORLD_SIZE; fairseq needs --distributed-world-size (see mue/compat.py)
+        local torchrun="${TORCHRUN:-$(command -v torchrun || true)}"
+        [[ -n "$torchrun" ]] || die "NGPU=$NGPU needs torchrun on PATH"
+        set -x
+        "$torchrun" --standalone --nproc-per-node "$NGPU" "$train" "${args[@]}" --distributed-world-size "$NGPU"
+    else
+        set -x
+        "$train" "${args[@]}"
+    fi
+}

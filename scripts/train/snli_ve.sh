@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Fine-tune OFA on SNLI-VE with MuE's layer-wise loss (the paper's SNLI-VE run).
+#
+#   scripts/train/snli_ve.sh DATA_DIR OFA_CHECKPOINT SAVE_DIR [extra fairseq-train args]
+#   scripts/train/snli_ve.sh --synthetic DATA_DIR SAVE_DIR [extra fairseq-train args]
+#
+# DATA_DIR holds OFA's SNLI-VE TSVs {train,valid,test}.tsv and dict.txt (or pass --dict-file).
+# OFA_CHECKPOINT: an official OFA-base checkpoint converted with
+#   python -m mue.checkpoints.convert_ofa ofa_base.pt ofa_base_mue.pt
+# loaded with --finetune-from-model (weights only; optimizer, schedule and data position start fresh).
+# Hyperparameters (docs OFA_FACTS.md, "MuE reference runs"): lr 5e-5, 5 epochs, polynomial decay with 6 %
+# warm-up, Adam (0.9, 0.999, 1e-8), weight decay 0.01, clip 1.0, effective batch 64, dropout 0.1,
+# drop-path 0.1, label smoothing 0, 480 px, max source 80, max target 20.
+# --synthetic: mue_ofa_micro from scratch on a synthetic benchmark (generated into DATA_DIR if missing),
+# 64 px, CPU, 2 epochs, effective batch = BATCH_SIZE*NGPU: a small CPU version of the same run.
+# Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, SYN_NUM_* (see common.sh).
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+parse_args "$@"
+
+if [[ "$SYNTHETIC" == 1 ]]; then
+    make_synthetic_data "$DATA_DIR"
+    DATA="$DATA_DIR/snli_ve"
+    EPOCHS="${EPOCHS:-2}"
+    RUN=(--arch mue_ofa_micro --patch-image-size 64 --num-codes 0 --num-bins 0
+         --cpu --distributed-backend gloo --num-workers 0 --lr "${LR:-5e-4}" --log-interval 1)
+else
+    DATA="$DATA_DIR"
+    EPOCHS="${EPOCHS:-5}"
+    RUN=(--arch mue_ofa_base --patch-image-size 480 --finetune-from-model "$CHECKPOINT"
+         --num-workers 4 --lr "${LR:-5e-5}" --log-interval 10)
+fi
+schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
+
+launch "$DATA" --task mue_snli_ve "${RUN[@]}" \
+    --max-src-length 80 --max-tgt-length 20 \
+    --criterion mue --label-smoothing 0.0 \
+    --dropout 0.1 --attention-dropout 0.0 --encoder-drop-path-rate 0.1 --decoder-drop-path-rate 0.1 \
+    --optimizer adam --adam-betas "(0.9,0.999)" --adam-eps 1e-08 --weight-decay 0.01 --clip-norm 1.0 \
+    --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" --total-num-update "$TOTAL_UPDATES" \
+    --max-epoch "$EPOCHS" --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ" \
+    --required-batch-size-multiple 1 --find-unused-parameters \
+    --best-checkpoint-metric snli_score --maximize-best-checkpoint-metric \
+    --no-epoch-checkpoints --log-format simple \
+    "${EXTRA_ARGS[@]}"
