@@ -67,6 +67,9 @@ THRESHOLD_DEFAULTS = {
     "dec_decay_beta": 0.95,
     "dec_decay_tau": 1.0,
     "kv_policy": "copy",
+    "exit_policy": "cosine",  # decoder exit rule (mue.exiting.baselines) and the baselines' knobs
+    "exit_entropy": 0.0,
+    "exit_patience": 0,
 }
 EXIT_THRESHOLDS = ("img_thres", "txt_thres", "dec_thres")
 X_AXES = ("expected_time_reduction", "speedup")
@@ -146,7 +149,11 @@ def format_thresholds(thresholds: dict) -> str:
     """Compact text of a setting, e.g. ``img 0.9, txt 1, dec 0.8 decay(b0.95,t1), kv drop``."""
     th = {**THRESHOLD_DEFAULTS, **thresholds}
     parts = [f"{name[:3]} {float(th[name]):g}" for name in EXIT_THRESHOLDS]
-    if float(th["dec_thres"]) < 1 and th["dec_schedule"] != "constant":
+    if th["exit_policy"] == "patience":
+        parts[-1] = f"dec patience {int(float(th['exit_patience']))}"
+    elif th["exit_policy"] != "cosine":
+        parts[-1] = f"dec {th['exit_policy']} H<{float(th['exit_entropy']):g}"
+    elif float(th["dec_thres"]) < 1 and th["dec_schedule"] != "constant":
         parts[-1] += f" {th['dec_schedule']}(b{float(th['dec_decay_beta']):g},t{float(th['dec_decay_tau']):g})"
     if th["kv_policy"] != "copy":
         parts.append(f"kv {th['kv_policy']}")
@@ -159,9 +166,11 @@ def _where(rec: dict) -> str:
 
 
 def is_never_exit(rec: dict) -> bool:
-    """True when all exit thresholds are >= 1, i.e. the run is the full model's computation."""
+    """True when all exit thresholds are >= 1 and no baseline exit knob is set (--exit-entropy,
+    --exit-patience), i.e. the run is the full model's computation."""
     th = _thresholds(rec)
-    return all(float(th[k]) >= 1.0 for k in EXIT_THRESHOLDS)
+    return (all(float(th[k]) >= 1.0 for k in EXIT_THRESHOLDS)
+            and float(th["exit_entropy"]) <= 0 and float(th["exit_patience"]) <= 0)
 
 
 def same_thresholds(a: dict, b: dict) -> bool:

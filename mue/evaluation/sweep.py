@@ -4,7 +4,11 @@
         --splits valid,test --thresholds 1,1,1 0.99,0.99,0.95 0.95,0.9,0.9 [-- extra fairseq-generate args]
 
 Each setting is "IMG,TXT,DEC"; records land in OUT as {task}_{run}_{split}_{IMG}_{TXT}_{DEC}.json and
-are read by `python -m mue.evaluation.report`. Runs happen in this process through fairseq-generate's
+are read by `python -m mue.evaluation.report`. Arguments after `--` go to every run (e.g. `--dec-schedule
+decay`, `--kv-policy drop`, `--model-overrides "{'encoder_mode': 'joint'}"`); `--point-args` adds a
+per-run knob: each string (e.g. "--exit-policy entropy --exit-entropy 0.5") is crossed with every
+setting and tagged into the record's file name, so baselines sweep their own knob (`--exit-entropy`,
+`--exit-patience`). Only the all-1.0 setting without point args is stored as the full model. Runs happen in this process through fairseq-generate's
 own entry point (fairseq_cli.generate.main), which saves the interpreter start per setting; a record
 that already exists is reused.
 """
@@ -12,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 from typing import Dict, List, Sequence, Tuple
 
@@ -29,9 +34,12 @@ def parse_setting(text: str) -> Tuple[float, float, float]:
     return tuple(validate_threshold(p, name) for p, name in zip(parts, ("image", "text", "decoder")))
 
 
-def record_path(out_dir: str, task: str, run: str, split: str, setting: Sequence[float]) -> str:
+def record_path(out_dir: str, task: str, run: str, split: str, setting: Sequence[float],
+                point_args: Sequence[str] = ()) -> str:
     safe_run = re.sub(r"[^A-Za-z0-9]+", "-", run).strip("-")
     tag = "_".join(f"{t:g}" for t in setting)
+    if point_args:
+        tag += "_" + re.sub(r"[^A-Za-z0-9.]+", "-", " ".join(point_args)).strip("-")
     return os.path.join(out_dir, f"{task}_{safe_run}_{split}_{tag}.json")
 
 
@@ -59,17 +67,21 @@ def generate_record(data: str, task: str, checkpoint: str, split: str, setting: 
 
 def sweep(data: str, task: str, checkpoint: str, out_dir: str, settings: Sequence[Sequence[float]],
           splits: Sequence[str] = ("valid", "test"), run: str = "mue", full_run: str = "full",
-          extra_args: Sequence[str] = (), log=print) -> List[str]:
-    """Evaluate every setting on every split; the all-1.0 setting is stored as run `full_run`."""
+          extra_args: Sequence[str] = (), log=print, point_args: Sequence[Sequence[str]] = ((),)) -> List[str]:
+    """Evaluate every setting x every `point_args` entry on every split; the all-1.0 setting without point
+    args is stored as run `full_run`."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for split in splits:
         for setting in settings:
-            name = full_run if tuple(setting) == FULL and full_run else run
-            path = record_path(out_dir, task, name, split, setting)
-            rec = generate_record(data, task, checkpoint, split, setting, path, name, extra_args)
-            log(f"   {split:5s} {name:22s} {','.join(f'{t:g}' for t in setting):16s} {summary_line(rec)}")
-            paths.append(path)
+            for point in point_args:
+                point = list(point)
+                name = full_run if tuple(setting) == FULL and not point and full_run else run
+                path = record_path(out_dir, task, name, split, setting, point)
+                rec = generate_record(data, task, checkpoint, split, setting, path, name, [*extra_args, *point])
+                log(f"   {split:5s} {name:22s} {','.join(f'{t:g}' for t in setting):16s} {' '.join(point):28s} "
+                    f"{summary_line(rec)}")
+                paths.append(path)
     return paths
 
 
@@ -93,12 +105,17 @@ def main(argv=None):
     parser.add_argument("--splits", default="valid,test")
     parser.add_argument("--run", default="mue", help="run name for the curves (e.g. 'w/o layer-wise loss')")
     parser.add_argument("--thresholds", nargs="+", required=True, help="settings IMG,TXT,DEC")
+    parser.add_argument("--point-args", nargs="+", default=None,
+                        help='per-run fairseq-generate args crossed with the settings, each one string, e.g. '
+                             '"--exit-policy entropy --exit-entropy 0.5"')
     args = parser.parse_args(argv)
     try:
         settings = [parse_setting(t) for t in args.thresholds]
     except ValueError as err:
         parser.error(str(err))
-    sweep(args.data, args.task, args.path, args.out, settings, args.splits.split(","), args.run, extra_args=extra)
+    points = [shlex.split(p) for p in args.point_args] if args.point_args else [()]
+    sweep(args.data, args.task, args.path, args.out, settings, args.splits.split(","), args.run, extra_args=extra,
+          point_args=points)
 
 
 if __name__ == "__main__":

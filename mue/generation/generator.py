@@ -12,6 +12,7 @@ from fairseq.sequence_generator import SequenceGenerator
 
 from mue.exiting.accounting import account, arch_sizes, model_sizes, new_stats
 from mue.exiting.baselines import make_decoder_rule
+from mue.exiting.policy import validate_threshold
 from mue.exiting.schedule import ThresholdSchedule
 from mue.exiting.settings import ExitSettings
 from mue.exiting.trace import ExitTrace
@@ -38,7 +39,8 @@ def make_settings(img_thres=1.0, txt_thres=1.0, dec_thres=1.0, dec_schedule="con
                   exit_entropy=0.0, exit_patience=0) -> ExitSettings:
     """ExitSettings with a decoder schedule over N = max_len steps and the decoder exit rule of
     `exit_policy` (mue.exiting.baselines; --dec-thres is the cosine rule's knob only)."""
-    schedule = ThresholdSchedule.from_args(dec_schedule, float(dec_thres), dec_decay_beta, dec_decay_tau, max(1, max_len))
+    dec_thres = validate_threshold(dec_thres, "--dec-thres")
+    schedule = ThresholdSchedule.from_args(dec_schedule, dec_thres, dec_decay_beta, dec_decay_tau, max(1, max_len))
     if exit_policy != "cosine" and not schedule.never_exits:
         raise ValueError(f"--dec-thres < 1 is the cosine rule's knob; --exit-policy {exit_policy} exits by "
                          + ("--exit-patience" if exit_policy == "patience" else "--exit-entropy"))
@@ -53,6 +55,7 @@ class MueSequenceGenerator(SequenceGenerator):
 
     def __init__(self, models, tgt_dict, exit_kwargs=None, reference_arch=None, **kwargs):
         super().__init__(models, tgt_dict, **kwargs)
+        self.bos = tgt_dict.bos()  # OFA's targets start with <s> (fairseq's generator would start with </s>)
         self.exit_kwargs = dict(exit_kwargs or {})
         settings = make_settings(**self.exit_kwargs)  # validate the knobs now, not at the first batch
         self.mue_models = list(models)
@@ -87,4 +90,5 @@ class MueSequenceGenerator(SequenceGenerator):
         src_len = int(sample["net_input"]["src_tokens"].size(1))
         max_len = min(int(self.max_len_a * src_len + self.max_len_b), self.max_len - 1)
         with self.exits_attached(max_len):
-            return super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints, bos_token=bos_token)
+            return super()._generate(sample, prefix_tokens=prefix_tokens, constraints=constraints,
+                                     bos_token=self.bos if bos_token is None else bos_token)

@@ -1,0 +1,99 @@
+"""The exit-aware generator: fairseq's beam search with MuE's exits attached (issue 5 invariants a, b)."""
+import pytest
+import torch
+from fairseq.sequence_generator import SequenceGenerator
+
+from mue.generation import MueSequenceGenerator
+from mue.models import build_arch
+from ofa_reference import randomize_, tiny_dictionary
+
+EXITS = dict(img_thres=0.9, txt_thres=0.9, dec_thres=0.9, dec_schedule="decay")
+
+
+@pytest.fixture(scope="module")
+def model_and_dict():
+    torch.manual_seed(0)
+    d = tiny_dictionary(60)
+    model = build_arch("mue_ofa_micro", d, dropout=0.0).eval()
+    randomize_(model, seed=1)
+    return model, d
+
+
+def make_sample(d, bsz, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    src = torch.randint(4, len(d), (bsz, 9), generator=g)
+    src[:, 0], src[:, -1] = d.bos(), d.eos()
+    src[0, 6:] = d.pad()  # one padded row
+    src[0, 5] = d.eos()
+    return {"id": torch.arange(bsz), "net_input": {
+        "src_tokens": src, "src_lengths": src.ne(d.pad()).sum(1),
+        "patch_images": torch.randn(bsz, 3, 64, 64, generator=g), "patch_masks": torch.ones(bsz, dtype=torch.bool)}}
+
+
+def hyps(generator, model, sample):
+    with torch.no_grad():
+        out = generator.generate([model], sample)
+    return [(h[0]["tokens"].tolist(), float(h[0]["score"])) for h in out]
+
+
+def test_generation_starts_from_bos_like_training(model_and_dict):
+    """Greedy decoding equals a hand-written greedy loop that feeds <s> first, as training does."""
+    model, d = model_and_dict
+    sample = make_sample(d, 3)
+    gen = MueSequenceGenerator([model], d, beam_size=1, max_len_b=6, min_len=6)
+    got = [h[0] for h in hyps(gen, model, sample)]
+    net = sample["net_input"]
+    prev = torch.full((3, 1), d.bos())
+    with torch.no_grad():
+        for _ in range(6):
+            logits, _ = model(net["src_tokens"], net["src_lengths"], prev, net["patch_images"], net["patch_masks"])
+            lprobs = logits[:, -1].log_softmax(-1)
+            lprobs[:, [d.pad(), d.unk(), d.eos()]] = -float("inf")  # min_len forbids eos; fairseq bans pad/unk
+            prev = torch.cat([prev, lprobs.argmax(-1, keepdim=True)], 1)
+    assert [g[:6] for g in got] == prev[:, 1:].tolist()
+
+
+@pytest.mark.parametrize("beam", [1, 4])
+def test_thresholds_of_one_reproduce_fairseqs_generator(model_and_dict, beam):
+    model, d = model_and_dict
+    sample = make_sample(d, 5)
+    ours = MueSequenceGenerator([model], d, exit_kwargs={}, beam_size=beam, max_len_b=8)
+    plain = SequenceGenerator([model], d, beam_size=beam, max_len_b=8)
+    with torch.no_grad():
+        expected = plain.generate([model], sample, bos_token=d.bos())
+    assert hyps(ours, model, sample) == [(h[0]["tokens"].tolist(), float(h[0]["score"])) for h in expected]
+    summary = ours.stats.summary()
+    assert summary["expected_time_reduction"] == 0.0 and summary["flops_spent"] == summary["flops_full"]
+
+
+def test_exits_save_layers_and_are_counted(model_and_dict):
+    model, d = model_and_dict
+    sample = make_sample(d, 4)
+    gen = MueSequenceGenerator([model], d, exit_kwargs=EXITS, beam_size=3, max_len_b=8)
+    hyps(gen, model, sample)
+    s = gen.stats.summary()
+    assert s["n_samples"] == 4 and s["expected_time_reduction"] > 0
+    assert s["mean_decoder_layers"] < s["n_dec_layers"] and s["flops_spent"] < s["flops_full"]
+    assert s["flops_by_component"]["kv_fill"]["spent"] > 0  # copy policy fills skipped layers' caches
+    assert model.encoder.exit_settings is None and model.decoder.exit_settings is None  # detached again
+
+
+def test_a_rows_output_does_not_depend_on_its_batch(model_and_dict):
+    """Invariant (b): batch of 6 vs each row alone, beam 3, exits on."""
+    model, d = model_and_dict
+    sample = make_sample(d, 6, seed=3)
+    batched = hyps(MueSequenceGenerator([model], d, exit_kwargs=EXITS, beam_size=3, max_len_b=8), model, sample)
+    for i in range(6):
+        one = {"id": sample["id"][i:i + 1],
+               "net_input": {k: v[i:i + 1] for k, v in sample["net_input"].items()}}
+        one["net_input"]["src_tokens"] = one["net_input"]["src_tokens"][:, : int(one["net_input"]["src_lengths"])]
+        alone = hyps(MueSequenceGenerator([model], d, exit_kwargs=EXITS, beam_size=3, max_len_b=8), model, one)
+        assert alone[0][0] == batched[i][0]
+        assert alone[0][1] == pytest.approx(batched[i][1], abs=1e-4)
+
+
+def test_bad_thresholds_are_refused_when_the_generator_is_built(model_and_dict):
+    model, d = model_and_dict
+    for bad in (float("nan"), -2.0, "abc"):
+        with pytest.raises(ValueError, match="--dec-thres"):
+            MueSequenceGenerator([model], d, exit_kwargs={"dec_thres": bad})
