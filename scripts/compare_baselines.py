@@ -127,12 +127,12 @@ def run_sweeps(data: str, ckpt_dir: str, out: str, size: dict, tiny: bool, split
     return paths
 
 
-def _best_at(rows: Sequence[dict], run: str, level: float):
-    """(time reduction, FLOPs reduction, thresholds) of `run`'s largest Eq. 14 saving keeping `level`."""
+def _best_at(rows: Sequence[dict], run: str, level: float, q_full: float):
+    """(time reduction, FLOPs reduction, thresholds) of `run`'s largest Eq. 14 saving whose quality is
+    >= level x the full model's `q_full`."""
     from mue.evaluation.report import format_thresholds
 
-    ok = [r for r in rows if r["record"]["run"] == run and r["quality_ratio"] is not None
-          and r["quality_ratio"] >= level - 1e-12]
+    ok = [r for r in rows if r["record"]["run"] == run and r["quality"] >= level * q_full - 1e-12]
     if not ok:
         return None
     best = max(ok, key=lambda r: (r["etr"], r["quality"]))
@@ -141,16 +141,17 @@ def _best_at(rows: Sequence[dict], run: str, level: float):
 
 def comparison_table(records: Sequence[dict], task: str = "caption", levels: Sequence[float] = LEVELS) -> str:
     """Markdown: per method and level, its best saving that keeps the level, and whether MuE is ahead."""
-    from mue.evaluation.report import tradeoff_rows
+    from mue.evaluation.report import find_baseline, quality_key, tradeoff_rows
 
     rows = tradeoff_rows(records, task)
+    q_full = float(find_baseline(records, task)["metrics"][quality_key(task)])
     runs = [r for r in dict.fromkeys(row["record"]["run"] for row in rows) if r != FULL]
     runs.sort(key=lambda name: name != MUE)
     head = ["method", "kept CIDEr", "time red. (%)", "FLOPs red. (%)", "setting", "vs MuE"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:
         for level in levels:
-            mine, ref = _best_at(rows, run, level), _best_at(rows, MUE, level)
+            mine, ref = _best_at(rows, run, level, q_full), _best_at(rows, MUE, level, q_full)
             if mine is None:
                 cells = ["none reaches it", "n/a", "-", "MuE ahead" if ref and run != MUE else "n/a"]
             else:

@@ -62,13 +62,6 @@ PROBE = textwrap.dedent('''
             self._record(event="train_step", update=update_num, ids=sample["id"].tolist(), ignore_grad=ignore_grad)
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
-        def reduce_metrics(self, logging_outputs, criterion):  # TEMP workaround
-            from fairseq.logging import metrics
-            from mue.tasks.vl_task import VisionLanguageTask
-            VisionLanguageTask.reduce_metrics(self, logging_outputs, criterion)
-            metrics.log_scalar_sum("_snli_cnt", sum(log.get("_snli_cnt", 0) for log in logging_outputs))
-            metrics.log_derived("snli_score", lambda m: float(m["_snli_cnt"].sum))
-
         def begin_valid_epoch(self, epoch, model):
             super().begin_valid_epoch(epoch, model)
             self._record(event="valid", epoch=epoch, params=params_hash(model),
@@ -127,7 +120,7 @@ def run(tmp_path_factory):
                "--save-dir", str(save_dirs[rank]), "--no-epoch-checkpoints", "--no-progress-bar",
                "--cpu", "--distributed-world-size", "2", "--distributed-rank", str(rank),
                "--distributed-no-spawn", "--distributed-backend", "gloo", "--ddp-backend", "pytorch_ddp",
-               "--find-unused-parameters",  # e.g. the image-code embedding LayerNorm gets no gradient
+               "--find-unused-parameters",  # the decoder's image-position and image-code parts get no gradient
                "--distributed-init-method", f"tcp://127.0.0.1:{port}"]
         log = open(root / f"rank{rank}.log", "w")
         logs.append(log)

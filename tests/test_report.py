@@ -314,3 +314,17 @@ def test_render_report_and_cli(tmp_path, capsys):
     assert "Speedup plot not drawn" in report
     headline = render_report(snli, str(tmp_path / "out2"), title="T")
     assert "accuracy" in headline and (tmp_path / "out2" / "report.md").read_text().startswith("# T")
+
+
+def test_target_table_with_a_zero_quality_full_model_says_na():
+    """A full model that scores 0 (an untrained smoke run) must not crash the report."""
+    def rec(split, th, q, etr):
+        return {"task": "caption", "run": "full" if th == 1.0 else "mue", "split": split,
+                "thresholds": {"img_thres": th, "txt_thres": th, "dec_thres": th},
+                "metrics": {"CIDEr": q}, "n_examples": 4, "split_size": 4,
+                "exit": {"expected_time_reduction": etr, "wall_clock_s": 1.0, "flops_reduction": etr}}
+
+    dev = [rec("valid", 1.0, 0.0, 0.0), rec("valid", 0.9, 0.0, 0.3)]
+    test = [rec("test", 1.0, 0.0, 0.0), rec("test", 0.9, 0.0, 0.3)]
+    table = target_table(dev, test, "caption", targets=(0.99,))
+    assert "n/a" in table and "0.0000" in table

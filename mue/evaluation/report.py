@@ -431,7 +431,7 @@ def target_table(dev_records: Sequence[dict], test_records: Sequence[dict], task
             body.append([f"{100 * t:.1f}", run or "any", f"none: {e}".replace("|", "/")] + ["n/a"] * 6)
             continue
         body.append([f"{100 * t:.1f}", s["run"], format_thresholds(s["thresholds"]),
-                     f"{s['dev_quality']:.4f} ({100 * s['dev_quality'] / s['dev_full_quality']:.1f})",
+                     f"{s['dev_quality']:.4f} ({_pct(s['dev_quality'] / s['dev_full_quality'] if s['dev_full_quality'] else None)})",
                      f"{s['test_quality']:.4f}", _pct(s["test_quality_ratio"]),
                      _pct(s["test_expected_time_reduction"]), _pct(s["test_flops_reduction"]),
                      _fmt(s["test_speedup"], "{:.2f}")])
