@@ -47,6 +47,33 @@ def test_tsv_reader_lazy_index_random_access(tmp_path):
         reader.row(n)
 
 
+def test_tsv_reader_is_safe_under_concurrent_reads(tmp_path):
+    """fairseq prefetches batches in a thread while a criterion may read rows of the same reader."""
+    import threading
+
+    n = 500
+    path = write(tmp_path / "shared.tsv", [f"id{i}\t{'y' * (i % 53)}\tv{i}" for i in range(n)])
+    reader = TsvReader(path)
+    errors = []
+
+    def read_all(seed):
+        order = list(range(n))
+        random.Random(seed).shuffle(order)
+        try:
+            for _ in range(4):
+                for i in order:
+                    assert reader.row(i) == [f"id{i}", "y" * (i % 53), f"v{i}"]
+        except Exception as err:  # noqa: BLE001 -- collected and reported by the main thread
+            errors.append(err)
+
+    threads = [threading.Thread(target=read_all, args=(seed,)) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors[:3]
+
+
 def test_tsv_reader_column_count_error_names_file_line(tmp_path):
     path = write(tmp_path / "a.tsv", ["a\tb\tc", "d\te\tf", "g\th"])
     with pytest.raises(DataError, match=r"a\.tsv:3: expected 3 columns, got 2"):

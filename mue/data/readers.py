@@ -29,6 +29,7 @@ import io
 import json
 import logging
 import os
+import threading
 from array import array
 from collections import OrderedDict
 from typing import Callable, Iterable, List, Optional, Sequence, Union
@@ -198,24 +199,29 @@ class TsvReader(_Reader):
         return self._lines[i]
 
     def _handle(self):
+        """(file handle, lock) of this process. fairseq prefetches batches in a thread even with
+        --num-workers 0, and criteria may read rows meanwhile, so seek+readline is done under a lock."""
         if self._fh is None or self._fh_pid != os.getpid():
             self._fh = open(self.path, "rb")
             self._fh_pid = os.getpid()
-        return self._fh
+            self._fh_lock = threading.Lock()
+        return self._fh, self._fh_lock
 
     def __getstate__(self):
         state = dict(self.__dict__)
-        state["_fh"] = state["_fh_pid"] = None
+        state["_fh"] = state["_fh_pid"] = state["_fh_lock"] = None
         return state
 
     def row(self, i: int) -> List[str]:
         """The selected columns of row ``i`` (0-based over the good rows)."""
         if not 0 <= i < len(self):
             raise IndexError(f"{self.path}: row {i} out of range (0..{len(self) - 1})")
-        fh = self._handle()
-        fh.seek(self._offsets[i])
+        fh, lock = self._handle()
+        with lock:
+            fh.seek(self._offsets[i])
+            raw = fh.readline()
         line_no = self._lines[i]
-        fields = self._split(fh.readline(), line_no)
+        fields = self._split(raw, line_no)
         if len(fields) != self.num_cols:  # the file changed since it was indexed
             raise DataError(f"{self.path}:{line_no}: expected {self.num_cols} columns, got {len(fields)}")
         if self.selected_cols is None:

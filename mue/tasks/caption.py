@@ -130,12 +130,12 @@ class CaptionTask(VisionLanguageTask):
             metrics.log_scalar_sum(key, sum(log.get(key, 0) for log in logging_outputs))
 
         def cider(m):
-            return round(100.0 * m["_cider_sum"].sum / max(1, m["_cider_cnt"].sum), 2)
+            return round(100.0 * float(m["_cider_sum"].sum) / max(1.0, float(m["_cider_cnt"].sum)), 2)
 
         def bleu4(m):
-            b = corpus_bleu([m[f"_bleu_correct_{k}"].sum for k in range(BLEU_ORDER)],
-                            [m[f"_bleu_guess_{k}"].sum for k in range(BLEU_ORDER)],
-                            m["_bleu_testlen"].sum, m["_bleu_reflen"].sum)
+            b = corpus_bleu([float(m[f"_bleu_correct_{k}"].sum) for k in range(BLEU_ORDER)],
+                            [float(m[f"_bleu_guess_{k}"].sum) for k in range(BLEU_ORDER)],
+                            float(m["_bleu_testlen"].sum), float(m["_bleu_reflen"].sum))
             return round(100.0 * b[-1], 2)
 
         metrics.log_derived("cider", cider)

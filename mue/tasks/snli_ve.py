@@ -122,7 +122,8 @@ class SnliVeTask(VisionLanguageTask):
         metrics.log_scalar_sum("_snli_score_sum", sum(log.get("_snli_score_sum", 0) for log in logging_outputs))
         metrics.log_scalar_sum("_snli_cnt", count)
         metrics.log_derived(
-            "snli_score", lambda m: round(100.0 * m["_snli_score_sum"].sum / max(1, m["_snli_cnt"].sum), 2))
+            "snli_score",
+            lambda m: round(100.0 * float(m["_snli_score_sum"].sum) / max(1.0, float(m["_snli_cnt"].sum)), 2))
 
     # ---- fairseq-generate ------------------------------------------------------------------
     def inference_step(self, generator, models, sample, prefix_tokens=None, constraints=None):
