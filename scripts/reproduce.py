@@ -1,0 +1,410 @@
+#!/usr/bin/env python
+"""Reproduce the paper's tables for one task: train MuE and its two ablations, sweep thresholds, report.
+
+    scripts/reproduce.py --task {snli_ve,caption} --data DIR --out DIR [--ofa-checkpoint CKPT] [--ngpu N]
+                         [--synthetic] [--tiny] [fairseq-train options...]
+
+  1. data      real data: OFA's TSVs DIR/{train,valid,test}.tsv (+ dict.txt), nothing is downloaded;
+               --synthetic: the built-in shape scenes (python -m mue.data.synthetic into DIR when missing)
+  2. train     fairseq-train, three runs: "mue" (decomposed encoder, criterion `mue`: layer-wise loss),
+               "w/o decomposition" (--encoder-mode joint, trained that way) and "w/o layer-wise loss"
+               (--last-layer-only); caption on real data adds stage 2 (self-critical, criterion mue_scst)
+  3. evaluate  threshold sweeps with mue.evaluation.sweep (in-process fairseq-generate) on dev and test;
+               one JSON record per setting in OUT/runs
+  4. report    OUT/report.md (mue.evaluation.report) and OUT/paper_tables.md with Tables 1-4 and the
+               figures (mue.evaluation.paper_tables); Table 1 is printed at the end
+
+Real data uses the hyperparameters of the MuE reference runs (shared/docs/OFA_FACTS.md): OFA-base, 480 px,
+effective batch 64, polynomial decay with 6 % warm-up; --ofa-checkpoint is an official OFA checkpoint
+converted with `python -m mue.checkpoints.convert_ofa` and loaded with --finetune-from-model (without it the
+runs start from scratch, which cannot give the paper's numbers). --synthetic: mue_ofa_micro from scratch,
+64 px images, on the CPU (what scripts/demo.py runs).
+
+Options this script does not know are fairseq-train options appended to every training command (they win
+over the recipe, e.g. `--arch mue_ofa_micro --patch-image-size 64 --max-epoch 1`); those that are options of
+the task (e.g. --patch-image-size, --num-codes, --eval-metrics) also go to every fairseq-generate.
+
+Each stage is skipped when its output exists (a training run's `done` marker, a sweep record); --fresh
+redoes the task's runs. Deterministic given --seed.
+"""
+import argparse
+import dataclasses
+import logging
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import List, Optional, Sequence, Tuple
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+PLUGIN = os.path.join(ROOT, "mue")
+BIN = os.path.dirname(sys.executable)
+
+TASKS = {"snli_ve": "mue_snli_ve", "caption": "mue_caption"}
+# run name (as in the records and tables) -> (checkpoint folder suffix, fairseq-train options of the run)
+RUNS = {
+    "mue": ("mue", []),
+    "w/o decomposition": ("joint", ["--encoder-mode", "joint"]),
+    "w/o layer-wise loss": ("lastlayer", ["--last-layer-only"]),
+}
+FULL = (1.0, 1.0, 1.0)
+
+# ------------------------------------------------------------------------------------------------------
+# Threshold sweeps, (image, text, decoder). "mue" is swept densely (Tables 1-3: trade-off, image vs text
+# depth), the ablations on a coarser grid (Table 4). The all-1.0 setting comes first: the full model.
+SWEEPS = {
+    "synthetic": {
+        "mue": [FULL, (0.995, 0.995, 0.995), (0.99, 0.99, 0.99), (0.98, 0.98, 0.98), (0.95, 0.95, 0.95),
+                (0.9, 0.9, 0.9), (0.9, 1.0, 1.0), (1.0, 0.9, 1.0)],
+        "ablation": [FULL, (0.99, 0.99, 0.99), (0.95, 0.95, 0.95)],
+    },
+    # real data: the reference scripts' and the paper appendix's settings, a diagonal, and encoder-only
+    # settings for Table 2
+    "snli_ve": {
+        "mue": [FULL, (0.7, 0.99, 0.7), (0.9, 0.95, 0.95), (0.99, 0.99, 0.99), (0.95, 0.95, 0.9),
+                (0.9, 0.9, 0.8), (0.8, 0.8, 0.7), (0.9, 1.0, 1.0), (0.7, 1.0, 1.0), (1.0, 0.95, 1.0),
+                (1.0, 0.8, 1.0)],
+        "ablation": [FULL, (0.9, 0.95, 0.95), (0.95, 0.95, 0.9), (0.9, 0.9, 0.8), (0.7, 0.99, 0.7)],
+    },
+    "caption": {
+        "mue": [FULL, (0.99, 0.7, 0.9), (0.99, 0.99, 0.99), (0.99, 0.95, 0.95), (0.95, 0.9, 0.9),
+                (0.9, 0.8, 0.85), (0.99, 1.0, 1.0), (0.95, 1.0, 1.0), (1.0, 0.9, 1.0), (1.0, 0.7, 1.0)],
+        "ablation": [FULL, (0.99, 0.99, 0.99), (0.99, 0.95, 0.95), (0.99, 0.7, 0.9), (0.95, 0.9, 0.9)],
+    },
+    "tiny": {"mue": [FULL, (0.9, 0.9, 0.9)], "ablation": [FULL, (0.9, 0.9, 0.9)]},
+}
+# The paper's decaying decoder threshold for captioning (theta from the setting, beta 0.95, tau 1).
+CAPTION_GENERATION = ["--beam", "5", "--max-len-b", "16", "--no-repeat-ngram-size", "3", "--dec-schedule", "decay",
+                      "--dec-decay-beta", "0.95", "--dec-decay-tau", "1.0"]
+
+
+# ------------------------------------------------------------------------------------------ recipes
+@dataclasses.dataclass
+class Stage:
+    """One fairseq-train invocation of a run: its name, options, epochs and per-process batch size."""
+    name: str
+    options: List[str]
+    epochs: int
+    batch_size: int
+    lr: float
+
+
+def real_stages(task: str, args) -> List[Stage]:
+    """The MuE reference runs (OFA_FACTS.md, "Hyperparameters of the MuE reference runs")."""
+    def common(dropout):
+        return ["--arch", "mue_ofa_base", "--patch-image-size", "480", "--max-src-length", "80",
+                "--max-tgt-length", "20", "--dropout", dropout, "--attention-dropout", "0.0",
+                "--encoder-drop-path-rate", dropout, "--decoder-drop-path-rate", dropout]
+
+    if task == "snli_ve":
+        return [Stage("snli_ve", common("0.1") + ["--criterion", "mue", "--label-smoothing", "0.0",
+                                                  "--best-checkpoint-metric", "snli_score",
+                                                  "--maximize-best-checkpoint-metric"],
+                      args.epochs or 5, args.batch_size or 8, args.lr or 5e-5)]
+    cider = ["--eval-cider", "--eval-args", '{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}',
+             "--best-checkpoint-metric", "cider", "--maximize-best-checkpoint-metric", "--freeze-embeddings"]
+    # stage 1: cross-entropy (OFA's drop-worst is not implemented: every token is trained on)
+    stages = [Stage("stage1", common("0.1") + cider + ["--criterion", "mue", "--label-smoothing", "0.1"],
+                    args.epochs or 5, args.batch_size or 8, args.lr or 1e-5)]
+    if args.scst_epochs != 0:  # stage 2: self-critical with a CIDEr-D reward, no dropout, 2 images per step
+        stages.append(Stage("stage2", common("0.0") + cider + [
+            "--criterion", "mue_scst", "--scst-samples", "5", "--scst-ce-weight", str(args.scst_ce_weight)],
+            args.scst_epochs or 3, 2, 1e-5))
+    return stages
+
+
+def synthetic_stages(task: str, args) -> List[Stage]:
+    """mue_ofa_micro from scratch on the shape scenes (the demo's recipe); no validation, last checkpoint."""
+    options = ["--arch", "mue_ofa_micro", "--patch-image-size", str(args.image_size), "--num-codes", "0",
+               "--num-bins", "0", "--criterion", "mue", "--dropout", "0.1", "--disable-validation",
+               "--label-smoothing", "0.1" if task == "caption" else "0.0"]
+    epochs = args.epochs or (4 if task == "caption" else 6)
+    return [Stage(task, options, epochs, args.batch_size or 32, args.lr or 1e-3)]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def stage(title: str) -> None:
+    print(f"\n==> {title}", flush=True)
+
+
+def run_logged(cmd: Sequence[str], log_path: str) -> None:
+    """Run a command, keep its full log, echo fairseq's progress lines; fail naming the log."""
+    print("$ " + " ".join(cmd), flush=True)
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        for line in proc.stdout:
+            log.write(line)
+            if any(key in line for key in ("| INFO | train |", "| INFO | valid |", "done training", "Error")):
+                print("   " + line.rstrip(), flush=True)
+        if proc.wait() != 0:
+            raise SystemExit(f"command failed (exit {proc.returncode}); see {log_path}")
+
+
+def task_option_names(fairseq_task: str) -> set:
+    """Option names (--x-y) of a task's dataclass: pass-through options that fairseq-generate needs too."""
+    import mue  # noqa: F401  (registers the tasks)
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+
+    return {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TASK_DATACLASS_REGISTRY[fairseq_task])}
+
+
+def split_task_options(extra: Sequence[str], names: set) -> List[str]:
+    """The task options among pass-through fairseq-train options, each with its values."""
+    picked, keep = [], False
+    for token in extra:
+        if token.startswith("--"):
+            keep = token.split("=", 1)[0] in names
+        if keep:
+            picked.append(token)
+    return picked
+
+
+def count_rows(path: str) -> int:
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path}: training file not found (the real-data path reads OFA's TSVs "
+                         f"DATA/{{train,valid,test}}.tsv; it sizes the learning-rate schedule from train.tsv)")
+    with open(path, encoding="utf-8") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def schedule(rows: int, epochs: int, batch: int, nproc: int, effective: Optional[int]) -> Tuple[int, int, int]:
+    """(update_freq, total updates, warm-up updates): batches as fairseq forms them, 6 % warm-up."""
+    per_step = batch * nproc
+    effective = effective or per_step
+    if effective % per_step:
+        raise SystemExit(f"effective batch {effective} is not a multiple of batch {batch} x {nproc} process(es)")
+    update_freq = effective // per_step
+    total = math.ceil(math.ceil(rows / per_step) / update_freq) * epochs
+    return update_freq, total, int(0.06 * total)
+
+
+# ------------------------------------------------------------------------------------------ stages
+def make_synthetic_data(args) -> None:
+    """Write the shape scenes into --data unless they are there (meta.json)."""
+    if os.path.exists(os.path.join(args.data, "meta.json")):
+        print(f"reusing {args.data}")
+        return
+    os.makedirs(args.data, exist_ok=True)
+    run_logged([sys.executable, "-m", "mue.data.synthetic", "--out", args.data, "--seed", str(args.seed),
+                "--num-train", str(args.num_train), "--num-valid", str(args.num_eval), "--num-test",
+                str(args.num_eval), "--image-size", str(args.image_size)], os.path.join(args.data, "synthetic.log"))
+
+
+def task_data(args) -> str:
+    return os.path.join(args.data, args.task) if args.synthetic else args.data
+
+
+def train_run(args, run: str, extra: Sequence[str]) -> str:
+    """Train one run (all its stages, each skipped when done); return the checkpoint to evaluate."""
+    fairseq_task = TASKS[args.task]
+    suffix, run_options = RUNS[run]
+    stages = synthetic_stages(args.task, args) if args.synthetic else real_stages(args.task, args)
+    data = task_data(args)
+    init = args.ofa_checkpoint
+    ckpt = None
+    for i, st in enumerate(stages):
+        name = f"{fairseq_task}_{suffix}" + (f"_{st.name}" if len(stages) > 1 else "")
+        save_dir = os.path.join(args.out, "checkpoints", name)
+        ckpt = os.path.join(save_dir, "checkpoint_last.pt" if args.synthetic else "checkpoint_best.pt")
+        done = os.path.join(save_dir, "done")
+        if os.path.exists(done):
+            print(f"reusing {ckpt}")
+            init = ckpt
+            continue
+        os.makedirs(save_dir, exist_ok=True)
+        nproc = max(1, args.ngpu)
+        effective = None if args.synthetic else args.effective_batch
+        batch = min(st.batch_size, effective) if effective else st.batch_size
+        update_freq, total, warmup = schedule(count_rows(os.path.join(data, "train.tsv")), st.epochs, batch, nproc,
+                                              effective)
+        if args.synthetic:  # the demo's schedule: 50 warm-up updates, then a nearly constant rate
+            total, warmup = 100000, 50
+        cmd = [os.path.join(BIN, "fairseq-train"), data, "--user-dir", PLUGIN, "--task", fairseq_task,
+               *st.options, "--optimizer", "adam", "--adam-betas", "(0.9,0.999)", "--adam-eps", "1e-08",
+               "--weight-decay", "0.01", "--clip-norm", "1.0", "--lr-scheduler", "polynomial_decay",
+               "--lr", str(st.lr), "--warmup-updates", str(warmup), "--total-num-update", str(total),
+               "--max-epoch", str(st.epochs), "--batch-size", str(batch), "--update-freq", str(update_freq),
+               "--required-batch-size-multiple", "1", "--save-dir", save_dir, "--no-epoch-checkpoints",
+               "--seed", str(args.seed), "--num-workers", str(args.num_workers), "--log-format", "simple",
+               "--log-interval", "50" if args.synthetic else "10", "--find-unused-parameters"]
+        if st.name == "stage2":
+            cmd += ["--scst-cider-df", os.path.join(args.out, "checkpoints", "cider_d_df.json")]
+        if init:
+            cmd += ["--finetune-from-model", init]
+        if args.ngpu == 0:
+            cmd += ["--cpu"]
+        cmd += [*run_options, *extra]
+        if args.ngpu > 1:
+            cmd = [os.path.join(BIN, "torchrun"), "--standalone", "--nproc-per-node", str(args.ngpu), *cmd,
+                   "--distributed-world-size", str(args.ngpu)]
+        start = time.time()
+        print(f"-- {run}: {st.name} ({st.epochs} epoch(s))", flush=True)
+        run_logged(cmd, os.path.join(save_dir, "train.log"))
+        if not os.path.exists(ckpt):
+            raise SystemExit(f"fairseq-train wrote no {ckpt}; see {os.path.join(save_dir, 'train.log')}")
+        with open(done, "w") as f:
+            f.write(f"{time.time() - start:.1f}\n")
+        init = ckpt
+    return ckpt
+
+
+def evaluate_run(args, run: str, ckpt: str, generate_extra: Sequence[str]) -> None:
+    """Sweep the run's thresholds on the dev and test splits (records in OUT/runs)."""
+    from mue.evaluation.sweep import sweep
+
+    grid = SWEEPS["tiny" if args.tiny else "synthetic" if args.synthetic else args.task]
+    settings = grid["mue" if run == "mue" else "ablation"]
+    extra = ["--batch-size", str(args.eval_batch_size), "--num-workers", str(args.num_workers), "--quiet"]
+    if args.synthetic:
+        extra += ["--patch-image-size", str(args.image_size), "--num-codes", "0", "--num-bins", "0"]
+    else:
+        extra += ["--patch-image-size", "480", "--max-src-length", "80", "--max-tgt-length", "20"]
+    if args.ngpu == 0:
+        extra += ["--cpu"]
+    if args.task == "caption":
+        extra += CAPTION_GENERATION
+        if args.synthetic:  # METEOR starts a JVM per run; SPICE needs jars the synthetic path cannot fetch
+            extra += ["--eval-metrics", "bleu,rouge,cider"]
+    sweep(task_data(args), TASKS[args.task], ckpt, os.path.join(args.out, "runs"), settings,
+          (args.dev_split, args.test_split), run=run, full_run="full" if run == "mue" else None,
+          extra_args=[*extra, *generate_extra])
+
+
+def render(out: str, title: str, dev_split: str = "valid", test_split: str = "test") -> str:
+    """Write OUT/report.md and OUT/paper_tables.md from every record in OUT/runs; return Table 1."""
+    from mue.evaluation import paper_tables
+    from mue.evaluation.report import load_records, render_report
+
+    records = load_records(os.path.join(out, "runs"))
+    test = [r for r in records if r.get("split") == test_split]
+    dev = [r for r in records if r.get("split") == dev_split]
+    render_report(test, out, title, dev_records=dev, targets=(0.99, 0.96))
+    return paper_tables.render_paper_tables(dev, test, out, title)
+
+
+def run_task(args, extra: Sequence[str] = ()) -> None:
+    """Stages 1-3 for args.task (the report is rendered by the caller)."""
+    fairseq_task = TASKS[args.task]
+    generate_extra = split_task_options(extra, task_option_names(fairseq_task))
+    stage(f"1/4 data ({args.task})")
+    if args.synthetic:
+        make_synthetic_data(args)
+    else:
+        for split in ("train", args.dev_split, args.test_split):
+            if not os.path.isfile(os.path.join(args.data, f"{split}.tsv")):
+                raise SystemExit(f"{args.data}: no {split}.tsv (OFA's {args.task} TSV files are expected)")
+        if not args.ofa_checkpoint:
+            print("warning: no --ofa-checkpoint, the runs train from scratch (the paper fine-tunes OFA-base)")
+        print(f"using {args.data}")
+    stage(f"2/4 training {args.task}: " + ", ".join(args.runs))
+    ckpts = {run: train_run(args, run, extra) for run in args.runs}
+    stage(f"3/4 evaluating {args.task} over threshold sweeps ({args.dev_split}, {args.test_split})")
+    for run, ckpt in ckpts.items():
+        evaluate_run(args, run, ckpt, generate_extra)
+
+
+# ------------------------------------------------------------------------------------------ command line
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--task", required=True, choices=sorted(TASKS))
+    p.add_argument("--data", required=True, help="OFA TSV folder of the task; --synthetic: the scenes' folder")
+    p.add_argument("--out", required=True, help="checkpoints, records (runs/), report.md, paper_tables.md")
+    p.add_argument("--ofa-checkpoint", help="converted OFA checkpoint to fine-tune from (real data)")
+    p.add_argument("--ngpu", type=int, default=None, help="GPUs / training processes (default: all visible; 0: CPU)")
+    p.add_argument("--synthetic", action="store_true", help="the built-in shape scenes, mue_ofa_micro, CPU")
+    p.add_argument("--tiny", action="store_true", help="a minutes-long smoke run: 1 epoch, 2 sweep points")
+    p.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS), help="runs to train and sweep")
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--fresh", action="store_true", help="delete this task's earlier checkpoints and records")
+    p.add_argument("--dev-split", default="valid", help="split that chooses thresholds (default valid)")
+    p.add_argument("--test-split", default="test")
+    p.add_argument("--epochs", type=int, help="training epochs (default: 5 real; synthetic 4 caption / 6 snli_ve)")
+    p.add_argument("--scst-epochs", type=int, help="caption stage 2 epochs on real data (default 3; 0: skip)")
+    p.add_argument("--scst-ce-weight", type=float, default=0.0, help="layer-wise CE weight in stage 2")
+    p.add_argument("--batch-size", type=int, help="sentences per process and step (default 8 real, 32 synthetic)")
+    p.add_argument("--effective-batch", type=int, default=64, help="real data: sentences per update over all "
+                   "processes (--update-freq follows)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the paper's; synthetic 1e-3)")
+    p.add_argument("--eval-batch-size", type=int, default=50)
+    p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 4 real, 0 synthetic)")
+    g = p.add_argument_group("synthetic data sizes")
+    g.add_argument("--num-train", type=int, default=1000, help="training images")
+    g.add_argument("--num-eval", type=int, default=100, help="images in each of valid and test")
+    g.add_argument("--image-size", type=int, default=64)
+    return p
+
+
+def parse_args(argv=None) -> Tuple[argparse.Namespace, List[str]]:
+    """(options, pass-through fairseq-train options); checks the combinations."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    stray = [t for t in extra if t.startswith("-") and not t.startswith("--")]
+    if stray:
+        parser.error(f"unknown short option(s) {stray}; pass-through fairseq-train options use --long names")
+    if args.synthetic:
+        if args.ofa_checkpoint:
+            parser.error("--ofa-checkpoint fine-tunes OFA on real data; the synthetic path trains mue_ofa_micro "
+                         "from scratch")
+        if args.ngpu:
+            parser.error("--synthetic trains on the CPU in one process; leave out --ngpu")
+        args.ngpu = 0
+        if args.tiny:
+            args.num_train, args.num_eval = 8, 4
+    elif args.ngpu is None:
+        import torch
+
+        args.ngpu = torch.cuda.device_count()
+    if "mue" not in args.runs:
+        parser.error("--runs must include mue: its all-1.0 setting is the full model every table compares with")
+    if args.ngpu < 0:
+        parser.error(f"--ngpu must be >= 0, got {args.ngpu}")
+    if args.ofa_checkpoint and not os.path.isfile(args.ofa_checkpoint):
+        parser.error(f"--ofa-checkpoint {args.ofa_checkpoint}: file not found (convert an official one with "
+                     f"python -m mue.checkpoints.convert_ofa OFA.pt OUT.pt)")
+    if args.tiny:
+        args.epochs = args.epochs or 1
+        args.scst_epochs = 1 if args.scst_epochs is None else args.scst_epochs
+    if args.num_workers is None:
+        args.num_workers = 0 if args.synthetic else 4
+    return args, extra
+
+
+def clear_task_outputs(args) -> None:
+    """--fresh: remove this task's checkpoints and records (other tasks' outputs stay)."""
+    fairseq_task = TASKS[args.task]
+    ckpt_root = os.path.join(args.out, "checkpoints")
+    if os.path.isdir(ckpt_root):
+        for name in os.listdir(ckpt_root):
+            if name.startswith(fairseq_task + "_"):
+                shutil.rmtree(os.path.join(ckpt_root, name))
+    runs = os.path.join(args.out, "runs")
+    for folder in (runs, os.path.join(runs, "generate")):
+        if os.path.isdir(folder):
+            for name in os.listdir(folder):
+                if name.startswith(fairseq_task + "_"):
+                    path = os.path.join(folder, name)
+                    shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+
+
+def main(argv=None) -> str:
+    args, extra = parse_args(argv)
+    logging.getLogger().setLevel(logging.INFO)
+    if args.fresh:
+        clear_task_outputs(args)
+    start = time.time()
+    run_task(args, extra)
+    stage("4/4 report")
+    what = "synthetic scenes, mue_ofa_micro" if args.synthetic else f"{args.data}"
+    table1 = render(args.out, f"MuE reproduction: {args.task} ({what})", args.dev_split, args.test_split)
+    print(table1)
+    print(f"\ntables: {os.path.join(args.out, 'paper_tables.md')}, {os.path.join(args.out, 'report.md')}  "
+          f"({time.time() - start:.0f} s)")
+    return table1
+
+
+if __name__ == "__main__":
+    main()

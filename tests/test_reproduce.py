@@ -1,0 +1,204 @@
+"""scripts/reproduce.py and mue.evaluation.paper_tables.
+
+Pure parts in-process (paper tables on hand-made records, option handling, the update schedule); then the
+script end to end in subprocesses at --tiny size: the synthetic path for both tasks and all three runs, and
+the real-data path (OFA-format TSVs, --ofa-checkpoint, caption's two stages) on the synthetic files.
+"""
+import glob
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from mue.evaluation.paper_tables import render_paper_tables, select_for_reduction, table1, table3, table4
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import reproduce  # noqa: E402
+
+RUN_NAMES = ("full", "mue", "w/o decomposition", "w/o layer-wise loss")
+
+
+def rec(run, img=1.0, txt=1.0, dec=1.0, q=0.9, etr=0.0, split="test", task="snli_ve", layers=(6.0, 6.0, 6.0)):
+    key = "accuracy" if task == "snli_ve" else "CIDEr"
+    return {"task": task, "run": run, "split": split, "n_examples": 10, "split_size": 10,
+            "thresholds": {"img_thres": img, "txt_thres": txt, "dec_thres": dec},
+            "metrics": {key: q},
+            "exit": {"expected_time_reduction": etr, "mean_image_layers": layers[0], "mean_text_layers": layers[1],
+                     "mean_decoder_layers": layers[2], "wall_clock_s": 1.0 - etr}}
+
+
+def records(split):
+    """Full 0.90; MuE at 30 % (0.895), 45 % (0.88), 60 % (0.70); an ablation that loses more."""
+    shift = 0.0 if split == "valid" else -0.01
+    return [rec("full", q=0.90 + shift, split=split),
+            rec("mue", 0.95, 0.95, 0.95, q=0.895 + shift, etr=0.30, split=split, layers=(4, 5, 4)),
+            rec("mue", 0.9, 0.9, 0.9, q=0.88 + shift, etr=0.45, split=split, layers=(3, 4, 3)),
+            rec("mue", 0.7, 0.7, 0.7, q=0.70 + shift, etr=0.60, split=split, layers=(1, 2, 1)),
+            rec("w/o layer-wise loss", q=0.90 + shift, split=split),
+            rec("w/o layer-wise loss", 0.9, 0.9, 0.9, q=0.60 + shift, etr=0.45, split=split)]
+
+
+def rows_of(md, first_header):
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    headers = [c.strip() for c in lines[start].strip("|").split("|")]
+    out = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        out.append(dict(zip(headers, (c.strip() for c in line.strip("|").split("|")))))
+    return out
+
+
+# ------------------------------------------------------------------------------------ paper tables
+def test_table1_puts_dev_chosen_mue_beside_the_paper():
+    rows = rows_of(table1(records("valid"), records("test"), "snli_ve", target=0.99), "model")
+    assert [r["model"] for r in rows] == ["OFA (full model)", "MuE"]
+    assert rows[0]["Acc. ours / paper"] == "89.0 / 89.2"
+    # 99 % of dev 0.90 is 0.891: only the 30 % setting keeps it
+    assert rows[1]["Acc. ours / paper"] == "88.5 / 88.5"
+    assert rows[1]["time red. (%) ours / paper"] == "30.0 / 50.0"
+    assert "img 0.95" in rows[1]["thresholds (chosen on dev)"]
+
+
+def test_table3_picks_best_quality_at_each_rate_and_marks_the_paper_rate():
+    pick = select_for_reduction(records("valid"), records("test"), "snli_ve", 0.4)
+    assert pick["test"]["record"]["thresholds"]["img_thres"] == 0.9  # 45 %, not the worse 60 %
+    assert select_for_reduction(records("valid"), records("test"), "snli_ve", 0.7) is None
+    rows = rows_of(table3(records("valid"), records("test"), "snli_ve", rates=(0.3, 0.6)), "time red. >= (%)")
+    by_rate = {r["time red. >= (%)"]: r for r in rows}
+    assert set(by_rate) == {"30", "50", "60"}  # the paper's 50 % is added
+    assert by_rate["50"]["paper accuracy"] == "88.5" and by_rate["30"]["paper accuracy"] == "-"
+    assert by_rate["50"]["test accuracy"] == "69.0"  # only the 60 % setting saves >= 50 %
+    assert by_rate["30"]["test % of full"] == f"{100 * 0.885 / 0.89:.1f}"
+
+
+def test_table4_lists_each_run_at_its_dev_choice():
+    text = table4(records("valid"), records("test"), "snli_ve", target=0.99)
+    rows = {r["model"]: r for r in rows_of(text, "model")}
+    assert set(rows) == {"mue", "w/o layer-wise loss"}
+    assert rows["mue"]["time red. (%) ours / paper"] == "30.0 / 50.0"
+    assert rows["w/o layer-wise loss"]["time red. (%) ours / paper"] == "0.0 / -"  # only its never-exit setting
+    assert "All levels" in text
+
+
+def test_render_paper_tables_writes_tables_and_figure(tmp_path):
+    dev = records("valid") + [dict(r, task="caption", metrics={"CIDEr": r["metrics"]["accuracy"]})
+                              for r in records("valid")]
+    test = records("test") + [dict(r, task="caption", metrics={"CIDEr": r["metrics"]["accuracy"], "SPICE": 0.2})
+                              for r in records("test")]
+    headline = render_paper_tables(dev, test, str(tmp_path), "t")
+    assert "Table 1 (SNLI-VE)" in headline and "Table 1 (COCO captioning)" in headline
+    text = (tmp_path / "paper_tables.md").read_text()
+    for n in (1, 2, 3, 4):
+        assert text.count(f"### Table {n}:") == 2
+    assert (tmp_path / "figure_caption_time_reduction.png").read_bytes()[:4] == b"\x89PNG"
+    assert "| 20.0 / 24.4 |" in text  # SPICE of the chosen MuE setting beside the paper's
+
+
+# ------------------------------------------------------------------------------------ option handling
+def test_task_options_of_pass_through_reach_generate_too():
+    names = reproduce.task_option_names("mue_caption")
+    extra = ["--arch", "mue_ofa_micro", "--patch-image-size", "64", "--max-epoch", "1", "--eval-metrics=bleu",
+             "--num-codes", "0"]
+    assert reproduce.split_task_options(extra, names) == ["--patch-image-size", "64", "--eval-metrics=bleu",
+                                                          "--num-codes", "0"]
+
+
+def test_schedule_counts_updates_as_fairseq_batches():
+    # 100 rows, batch 8 x 2 processes = 7 steps, update-freq 4 -> 2 updates per epoch
+    assert reproduce.schedule(100, 5, 8, 2, 64) == (4, 10, 0)
+    assert reproduce.schedule(1000, 3, 8, 1, 64) == (8, 48, 2)
+    with pytest.raises(SystemExit, match="not a multiple"):
+        reproduce.schedule(100, 1, 8, 3, 64)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--synthetic", "--ofa-checkpoint", "x.pt"], "real data"),
+    (["--ofa-checkpoint", "missing.pt"], "file not found"),
+    (["--synthetic", "--ngpu", "2"], "CPU"),
+    (["--runs", "w/o decomposition"], "must include mue"),
+])
+def test_bad_combinations_are_refused(argv, message, capsys):
+    with pytest.raises(SystemExit):
+        reproduce.parse_args(["--task", "snli_ve", "--data", "d", "--out", "o", *argv])
+    assert message in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ end to end
+def run_script(argv, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, *argv], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """The demo (reproduce's synthetic path, both tasks) at --tiny size."""
+    base = tmp_path_factory.mktemp("reproduce")
+    data, out = base / "data", base / "out"
+    stdout = run_script([os.path.join(ROOT, "scripts", "demo.py"), "--tiny", "--data", str(data), "--out", str(out)])
+    return data, out, stdout
+
+
+def test_synthetic_path_trains_three_runs_and_renders_the_tables(synthetic):
+    data, out, stdout = synthetic
+    assert "Table 1 (SNLI-VE)" in stdout and "Table 1 (COCO captioning)" in stdout
+    recs = [json.load(open(p)) for p in glob.glob(str(out / "runs" / "*.json"))]
+    for task in ("snli_ve", "caption"):
+        for split in ("valid", "test"):
+            got = sorted(r["run"] for r in recs if r["task"] == task and r["split"] == split)
+            # mue: full + one exiting setting; each ablation: its own never-exit setting + one exiting one
+            assert got == sorted(["full", "mue", "w/o decomposition", "w/o decomposition", "w/o layer-wise loss",
+                                  "w/o layer-wise loss"]), (task, split, got)
+    for r in recs:
+        assert r["n_examples"] == r["split_size"] > 0
+        if r["run"] == "w/o decomposition":  # trained and evaluated joint: one depth for both modalities
+            assert r["exit"]["mean_image_layers"] == r["exit"]["mean_text_layers"]
+    # the ablations were trained as asked
+    from fairseq import checkpoint_utils
+
+    for task in ("mue_snli_ve", "mue_caption"):
+        for suffix, mode, last_only in (("mue", "decomposed", False), ("joint", "joint", False),
+                                        ("lastlayer", "decomposed", True)):
+            cfg = checkpoint_utils.load_checkpoint_to_cpu(str(out / "checkpoints" / f"{task}_{suffix}" /
+                                                              "checkpoint_last.pt"))["cfg"]
+            assert (str(cfg.model.encoder_mode), cfg.criterion.last_layer_only) == (mode, last_only), (task, suffix)
+    tables = (out / "paper_tables.md").read_text()
+    for n in (1, 2, 3, 4):
+        assert tables.count(f"### Table {n}:") == 2
+    assert (out / "report.md").exists()
+    for task in ("snli_ve", "caption"):
+        assert (out / f"figure_{task}_time_reduction.png").stat().st_size > 0
+
+
+def test_real_data_path_on_ofa_format_files(synthetic, tmp_path):
+    """OFA-format TSVs without --synthetic: the paper's recipe with size overrides passed through, fine-tuned
+    from a checkpoint, caption stage 1 then stage 2 (SCST); a second call reuses every stage."""
+    data, out, _ = synthetic
+    init = out / "checkpoints" / "mue_caption_mue" / "checkpoint_last.pt"
+    argv = [os.path.join(ROOT, "scripts", "reproduce.py"), "--task", "caption", "--data", str(data / "caption"),
+            "--out", str(tmp_path), "--ofa-checkpoint", str(init), "--ngpu", "0", "--tiny", "--runs", "mue",
+            "--num-workers", "0", "--arch", "mue_ofa_micro", "--patch-image-size", "64", "--num-codes", "0",
+            "--num-bins", "0", "--eval-metrics", "bleu,rouge,cider"]
+    stdout = run_script(argv)
+    commands = [line for line in stdout.splitlines() if line.startswith("$ ") and "fairseq-train" in line]
+    assert len(commands) == 2
+    stage1, stage2 = commands
+    assert "--criterion mue " in stage1 and f"--finetune-from-model {init}" in stage1
+    assert "--lr 1e-05" in stage1 and "--label-smoothing 0.1" in stage1 and "--freeze-embeddings" in stage1
+    assert "--criterion mue_scst" in stage2
+    assert re.search(r"--finetune-from-model \S*mue_caption_mue_stage1/checkpoint_best\.pt", stage2)
+    assert "--arch mue_ofa_micro" in stage1.split("--arch mue_ofa_base")[1]  # pass-through comes last and wins
+    recs = [json.load(open(p)) for p in glob.glob(str(tmp_path / "runs" / "*.json"))]
+    assert sorted((r["run"], r["split"]) for r in recs) == [("full", "test"), ("full", "valid"), ("mue", "test"),
+                                                            ("mue", "valid")]
+    assert all(set(r["metrics"]) >= {"Bleu_4", "CIDEr"} and "METEOR" not in r["metrics"] for r in recs)
+    assert "Table 1 (COCO captioning)" in stdout
+    again = run_script(argv)
+    assert "fairseq-train" not in again and again.count("reusing") == 2
