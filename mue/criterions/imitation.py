@@ -62,9 +62,12 @@ class ImitationCriterion(FairseqCriterion):
         if len(states) - 1 != len(heads) + 1:
             raise ValueError(f"criterion 'mue_imitation': {len(states) - 1} decoder layers but {len(heads)} heads")
         keep = sample["target"].ne(self.padding_idx).transpose(0, 1)  # T x B
-        norm = model.decoder.layer_norm
-        with torch.no_grad():
-            deep = norm(states[-1][keep])
+        ln = model.decoder.layer_norm  # the backbone's: applied with its parameters detached (frozen)
+
+        def norm(x):
+            return F.layer_norm(x, ln.normalized_shape, ln.weight.detach(), ln.bias.detach(), ln.eps)
+
+        deep = norm(states[-1][keep])
         losses, cosines = [], []
         for idx in range(len(heads)):
             pred = norm(heads(idx, states[idx + 1][keep]))
