@@ -191,7 +191,7 @@ class MueDecoder(FairseqIncrementalDecoder):
             full = active.numel() == bsz
             inputs = x if full else x[active]
             k_new, v_new = layer.self_kv(inputs)
-            hole_new = torch.zeros(bsz, 1, dtype=torch.bool, device=x.device)
+            hole_new = None if policy_name == "copy" else torch.zeros(bsz, 1, dtype=torch.bool, device=x.device)
             if not full:
                 exited = everyone[~torch.isin(everyone, active)]
                 k_all = k_new.new_zeros(bsz, *k_new.shape[1:]).index_copy(0, active, k_new)
@@ -212,12 +212,17 @@ class MueDecoder(FairseqIncrementalDecoder):
             keys, values = cache[f"k{idx}"], cache[f"v{idx}"]
             cross_k, cross_v = cache[f"ck{idx}"], cache[f"cv{idx}"]
             blocked = cache[f"hole{idx}"][:, None, None, :] if policy_name == "drop" else None
+            cross_blocked = enc_padding
             if not full:
                 keys, values, cross_k, cross_v = (t[active] for t in (keys, values, cross_k, cross_v))
                 blocked = None if blocked is None else blocked[active]
+                cross_blocked = enc_padding[active]
             out = layer(inputs, keys, values, self._self_bias(idx, length, abs_bias, True)[None], blocked,
-                        cross_k, cross_v, cross_bias, enc_padding[active][:, None, None, :])
-            depths[active] += 1
+                        cross_k, cross_v, cross_bias, cross_blocked[:, None, None, :])
+            if full:
+                depths += 1
+            else:
+                depths[active] += 1
             stop = None
             if deciding and idx < len(self.layers) - 1:
                 stop, out = rule.decide(idx, out, inputs, threshold, self, state, active)
