@@ -142,7 +142,8 @@ def synthetic(tmp_path_factory):
     """The demo (reproduce's synthetic path, both tasks) at --tiny size."""
     base = tmp_path_factory.mktemp("reproduce")
     data, out = base / "data", base / "out"
-    stdout = run_script([os.path.join(ROOT, "scripts", "demo.py"), "--tiny", "--data", str(data), "--out", str(out)])
+    stdout = run_script([os.path.join(ROOT, "scripts", "demo.py"), "--tiny", "--data", str(data), "--out", str(out),
+                         "--runs", "mue", "w/o decomposition", "w/o layer-wise loss"])
     return data, out, stdout
 
 
