@@ -36,13 +36,6 @@ def data(tmp_path_factory):
     return root / "snli_ve"
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture
 def loads(monkeypatch):

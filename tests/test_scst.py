@@ -26,13 +26,6 @@ def data(tmp_path_factory):
     return root / "caption"
 
 
-@pytest.fixture
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def make_cfg(argv):
     return convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), argv))

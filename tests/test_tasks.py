@@ -256,14 +256,6 @@ def valid_stats(caplog):
     return stats[-1]
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one intra-op thread avoids thread-pool overhead (it dominated on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def train_and_generate(data_dir, task, save_dir, caplog, extra_train=(), extra_gen=()):
     from fairseq_cli import generate, train
