@@ -4,12 +4,19 @@ Every count uses the real (non-padding) tokens of each row and the model's own s
 model's cost is counted on the same inputs, so spent/full is the FLOP-predicted speedup (against a
 larger reference model's cost when `reference_sizes` is given, e.g. for an OFA-Tiny baseline).
 """
+import functools
 from typing import Optional
 
 from .flops import (cross_kv_flops, decoder_layer_flops_step, encoder_layer_flops, imitation_head_flops,
                     kv_fill_flops, output_projection_flops, resnet_stem_flops)
 from .stats import ExitStats
 from .trace import ExitTrace
+
+
+@functools.lru_cache(maxsize=32)
+def _stem_flops(image_hw: tuple, d: int, blocks: tuple) -> int:
+    """resnet_stem_flops, once per image size: it walks every ResNet block, and accounting asks per row."""
+    return resnet_stem_flops(image_hw, d, blocks)
 
 
 def model_sizes(model) -> dict:
@@ -60,14 +67,14 @@ def account(stats: ExitStats, trace: ExitTrace, sizes: dict, reference_sizes: Op
     """
     ref = reference_sizes or sizes
     d, rd = sizes["d"], ref["d"]
-    n_enc, rn_enc = sizes["n_enc"], ref["n_enc"]
+    rn_enc = ref["n_enc"]
     for rec in trace.encoder:
         stats.add_encoder(rec.image_depths, rec.text_depths, rec.image_tokens, rec.text_tokens)
         for i in range(rec.text_depths.numel()):
             p, s = int(rec.image_tokens[i]), int(rec.text_tokens[i])
             if p and rec.image_hw:
-                stats.add_flops("resnet_stem", resnet_stem_flops(rec.image_hw, d, sizes["resnet_blocks"]),
-                                resnet_stem_flops(rec.image_hw, rd, ref["resnet_blocks"]))
+                stats.add_flops("resnet_stem", _stem_flops(rec.image_hw, d, sizes["resnet_blocks"]),
+                                _stem_flops(rec.image_hw, rd, ref["resnet_blocks"]))
             if rec.joint:
                 per_layer = encoder_layer_flops(p + s, p + s, d, sizes["enc_ffn"])
                 ref_layer = encoder_layer_flops(p + s, p + s, rd, ref["enc_ffn"])
