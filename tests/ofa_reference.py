@@ -12,6 +12,7 @@ with tied layers computes. Padded/absent positions may differ from a stream-wise
 out of the cross-attention, so logits do not depend on them.
 """
 import math
+from contextlib import contextmanager
 from typing import Dict
 
 import torch
@@ -243,3 +244,13 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         if name.endswith("c_attn"):
             param.copy_(1 + 0.5 * randn(param))
     return model
+
+
+@contextmanager
+def exits(model, settings):
+    """`with exits(model, ExitSettings(...)):` attaches exit settings for the block, then detaches them."""
+    model.set_exit_settings(settings)
+    try:
+        yield settings
+    finally:
+        model.set_exit_settings(None)

@@ -7,7 +7,6 @@ import math
 import os
 import subprocess
 import sys
-from contextlib import contextmanager
 from types import SimpleNamespace
 
 import pytest
@@ -26,7 +25,7 @@ from mue.exiting.trace import ExitTrace
 from mue.generation.generator import make_settings
 from mue.models import build_arch
 from mue.models.state_dict import CheckpointMismatchError
-from ofa_reference import randomize_, tiny_dictionary
+from ofa_reference import exits, randomize_, tiny_dictionary
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAYERS = 6
@@ -146,15 +145,6 @@ def model():
 @pytest.fixture(scope="module")
 def imitating():
     return _micro(imitation=True)
-
-
-@contextmanager
-def exits(model, settings):
-    model.set_exit_settings(settings)
-    try:
-        yield settings
-    finally:
-        model.set_exit_settings(None)
 
 
 def _batch(bsz=4, n_tgt=8, seed=0):

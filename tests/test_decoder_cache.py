@@ -2,7 +2,6 @@
 the parallel forward (with and without exits, for each KV policy), rows do not affect each other, and
 exits happen exactly where the cosine similarity crosses the threshold."""
 import copy
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from mue.exiting.schedule import ThresholdSchedule
 from mue.exiting.settings import ExitSettings
 from mue.exiting.trace import ExitTrace
 from mue.models import build_arch
-from ofa_reference import randomize_, tiny_dictionary
+from ofa_reference import exits, randomize_, tiny_dictionary
 
 LAYERS = 6
 DEC_THETA = 0.85  # with these weights decoder similarities run 0.3-0.93: exits are mixed
@@ -27,15 +26,6 @@ def _micro(mode="decomposed"):
 @pytest.fixture(scope="module")
 def model():
     return _micro()
-
-
-@contextmanager
-def exits(model, settings):
-    model.set_exit_settings(settings)
-    try:
-        yield settings
-    finally:
-        model.set_exit_settings(None)
 
 
 def _batch(bsz=4, n_tgt=8, seed=0):
