@@ -65,42 +65,45 @@ def account(stats: ExitStats, trace: ExitTrace, sizes: dict, reference_sizes: Op
     model without exits, or the `reference_sizes` model (a larger one) when given. Exit decisions that
     project onto the vocabulary or run imitation heads are spent under "exit_classifier" (full: 0).
     """
+    # Per-row counts are read into Python lists once per record: indexing a tensor element by element
+    # would cost one device synchronisation per row and step on a GPU (thousands per batch).
     ref = reference_sizes or sizes
     d, rd = sizes["d"], ref["d"]
     rn_enc = ref["n_enc"]
     for rec in trace.encoder:
         stats.add_encoder(rec.image_depths, rec.text_depths, rec.image_tokens, rec.text_tokens)
-        for i in range(rec.text_depths.numel()):
-            p, s = int(rec.image_tokens[i]), int(rec.text_tokens[i])
+        image_depths, text_depths = rec.image_depths.tolist(), rec.text_depths.tolist()
+        for i, (p, s) in enumerate(zip(rec.image_tokens.tolist(), rec.text_tokens.tolist())):
             if p and rec.image_hw:
                 stats.add_flops("resnet_stem", _stem_flops(rec.image_hw, d, sizes["resnet_blocks"]),
                                 _stem_flops(rec.image_hw, rd, ref["resnet_blocks"]))
             if rec.joint:
                 per_layer = encoder_layer_flops(p + s, p + s, d, sizes["enc_ffn"])
                 ref_layer = encoder_layer_flops(p + s, p + s, rd, ref["enc_ffn"])
-                depth = int(rec.text_depths[i])
+                depth = text_depths[i]
                 share = p / (p + s)
                 stats.add_flops("encoder_image", depth * per_layer * share, rn_enc * ref_layer * share)
                 stats.add_flops("encoder_text", depth * per_layer * (1 - share), rn_enc * ref_layer * (1 - share))
             else:
                 if p:
-                    stats.add_flops("encoder_image", int(rec.image_depths[i]) * encoder_layer_flops(p, p, d, sizes["enc_ffn"]),
+                    stats.add_flops("encoder_image", image_depths[i] * encoder_layer_flops(p, p, d, sizes["enc_ffn"]),
                                     rn_enc * encoder_layer_flops(p, p, rd, ref["enc_ffn"]))
-                stats.add_flops("encoder_text", int(rec.text_depths[i]) * encoder_layer_flops(s, s, d, sizes["enc_ffn"]),
+                stats.add_flops("encoder_text", text_depths[i] * encoder_layer_flops(s, s, d, sizes["enc_ffn"]),
                                 rn_enc * encoder_layer_flops(s, s, rd, ref["enc_ffn"]))
     n_dec, rn_dec = sizes["n_dec"], ref["n_dec"]
     out_proj, ref_out_proj = output_projection_flops(d, sizes["vocab"]), output_projection_flops(rd, ref["vocab"])
     head = imitation_head_flops(d, sizes["imitation_hidden"]) if sizes.get("imitation_hidden") else 0
     for rec in trace.decoder:
         stats.add_decoder(rec.depths)
-        rows = rec.depths.numel()
+        depths, n_src = rec.depths.tolist(), [int(n) for n in rec.n_src.tolist()]
+        rows = len(depths)
         if rec.n_past == 1:  # cross-attention keys/values: once per sequence, every layer
-            stats.add_flops("cross_kv", sum(cross_kv_flops(int(n), d) for n in rec.n_src) * n_dec,
-                            sum(cross_kv_flops(int(n), rd) for n in rec.n_src) * rn_dec)
+            stats.add_flops("cross_kv", sum(cross_kv_flops(n, d) for n in n_src) * n_dec,
+                            sum(cross_kv_flops(n, rd) for n in n_src) * rn_dec)
         spent = full = 0
-        for i in range(rows):
-            spent += int(rec.depths[i]) * decoder_layer_flops_step(d, sizes["dec_ffn"], rec.n_past, int(rec.n_src[i]))
-            full += rn_dec * decoder_layer_flops_step(rd, ref["dec_ffn"], rec.n_past, int(rec.n_src[i]))
+        for depth, n in zip(depths, n_src):
+            spent += depth * decoder_layer_flops_step(d, sizes["dec_ffn"], rec.n_past, n)
+            full += rn_dec * decoder_layer_flops_step(rd, ref["dec_ffn"], rec.n_past, n)
         stats.add_flops("decoder_layers", spent, full)
         stats.add_flops("kv_fill", rec.kv_filled * kv_fill_flops(d), 0)
         stats.add_flops("output_projection", rows * out_proj, rows * ref_out_proj)
