@@ -252,3 +252,29 @@ def test_identity_encoder_layer_is_where_streams_exit(mode):
     expected = _encode(short, src, images, masks)["encoder_out"][0]
     keep = ~out["encoder_padding_mask"][0].T
     torch.testing.assert_close(out["encoder_out"][0][keep], expected[keep], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("kv_policy", ["copy", "recompute", "drop"])
+def test_layers_after_every_row_exited_are_not_run(model, kv_policy):
+    """Threshold 0: every token leaves after layer 1. The later layers must not run on an empty batch
+    (wasted launches; on a GPU, bf16 attention over zero rows returned None), yet the caches they keep
+    are filled as the policy says, and the result equals the parallel forward at those depths."""
+    src, images, masks, prev = _batch()
+    enc = _encode(model, src, images, masks)
+    calls = []
+    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: calls.append((i, args[0].size(0))))
+             for i, layer in enumerate(model.decoder.layers)]
+    try:
+        with exits(model, _dec_settings(kv_policy, theta=0.0)) as settings:
+            cached = _cached(model, prev, enc)
+            depths = _trace_depths(settings.trace)
+            filled = sum(record.kv_filled for record in settings.trace.decoder)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert depths.eq(1).all()
+    assert calls and {i for i, _ in calls} == {0}, sorted(set(calls))
+    assert filled == (prev.numel() * (LAYERS - 1) if kv_policy == "copy" else 0)
+    forced, _ = _parallel(model, prev, enc, forced_depths=depths)
+    if kv_policy != "drop":  # drop leaves holes; the parallel forward has none
+        torch.testing.assert_close(cached, forced, atol=1e-5, rtol=0)

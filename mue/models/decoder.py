@@ -209,6 +209,10 @@ class MueDecoder(FairseqIncrementalDecoder):
                 self._append(cache, f"hole{idx}", hole_new, 1)
                 if policy_name == "recompute":
                     kv_filled += self._fill_holes(cache, idx, layer, active)
+            if active.numel() == 0:
+                # every row has exited: only the caches above needed filling. (Running the layer on an
+                # empty batch would waste launches, and SDPA in bf16 on CUDA returned None for it.)
+                continue
             keys, values = cache[f"k{idx}"], cache[f"v{idx}"]
             cross_k, cross_v = cache[f"ck{idx}"], cache[f"cv{idx}"]
             blocked = cache[f"hole{idx}"][:, None, None, :] if policy_name == "drop" else None
