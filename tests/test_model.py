@@ -232,3 +232,16 @@ def test_derived_buffers_in_checkpoint_are_ignored(decomposed):
     src, lengths, images, masks = _inputs()
     assert torch.equal(_encode(model, src, lengths, images, masks)[0],
                        _encode(decomposed, src, lengths, images, masks)[0])
+
+
+def test_half_precision_model_takes_float32_images(decomposed):
+    """fairseq-generate --fp16 halves the model but not the batch: float32 images must still run
+    (found on a GPU, where conv2d refused the mix), and match the float32 model closely."""
+    src, lengths, images, masks = _inputs()
+    prev = torch.zeros(3, 2, dtype=torch.long)
+    half = copy.deepcopy(decomposed).to(torch.bfloat16)
+    with torch.no_grad():
+        got, _ = half(src, lengths, prev, images, masks)
+        want, _ = decomposed(src, lengths, prev, images, masks)
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() < 0.1 * want.abs().max()

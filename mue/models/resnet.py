@@ -20,5 +20,8 @@ class ResNetStem(ResNet):
         del self.layer4, self.avgpool, self.fc  # never used: OFA stops after stage 3
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # fairseq-generate --fp16 halves the model but hands over float32 images (the trainer halves
+        # its samples, the generate CLI does not): take the images in the weights' precision.
+        images = images.to(self.conv1.weight.dtype)
         x = self.maxpool(self.relu(self.bn1(self.conv1(images))))
         return self.layer3(self.layer2(self.layer1(x)))
