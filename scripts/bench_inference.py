@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Inference benchmark of MuE's early exits on random-weight mue_ofa models (CPU).
+"""Inference benchmark of MuE's early exits on random-weight mue_ofa models (CPU, or a GPU with --device cuda).
 
 For each size x task x batch it times three configurations of the same model:
   full         exits compiled out: fairseq's plain SequenceGenerator (caption) or the model with no
@@ -17,6 +17,10 @@ in a mid-range reduction; the table shows the layers they really ran.
 
     python scripts/bench_inference.py                    # default: micro and base, ~6 min on 2 cores
     python scripts/bench_inference.py --quick --json out.json
+    python scripts/bench_inference.py --device cuda --sizes base --image-size 480 --batch-sizes 1,16,64
+
+On a GPU every timed call is bracketed by torch.cuda.synchronize(), so the times include the kernels'
+work, not only their launch.
 """
 import argparse
 import json
@@ -44,6 +48,7 @@ NEVER = {"img_thres": 1.0, "txt_thres": 1.0, "dec_thres": 1.0}
 EFFICIENCY_GOAL = 0.80  # measured speedup / FLOP-predicted speedup, at batch >= GOAL_BATCH
 GOAL_BATCH = 16
 OVERHEAD_GOAL = 0.03  # t_bookkeeping / t_full - 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 # defaults, per size; random-weight similarities differ by width, hence per-size thresholds
 DEFAULT_IMAGE_SIZE = "micro=64,base=192"  # base at 256px: ~12 min on 2 shared cores
@@ -116,8 +121,11 @@ def cpu_name():
     return platform.processor() or platform.machine()
 
 
-def machine_info() -> dict:
+def machine_info(device="cpu") -> dict:
+    gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     return {
+        "device": device,
+        "gpu": gpu,
         "command": shlex.join([sys.executable] + sys.argv),
         "python": platform.python_version(),
         "torch": torch.__version__,
@@ -132,7 +140,8 @@ def machine_info() -> dict:
 def print_header(title, info, notes):
     print(f"# {title}\n")
     print(f"command: `{info['command']}`\n")
-    print(f"machine: {info['cpu']} ({info['cpu_count']} CPUs), torch {info['torch']} with "
+    gpu = f"GPU {info['gpu']}; " if info.get("gpu") else ""
+    print(f"machine: {gpu}{info['cpu']} ({info['cpu_count']} CPUs), torch {info['torch']} with "
           f"{info['torch_threads']} threads, python {info['python']}, load average (1 min) "
           f"{info['load_average_1m']} at start\n")
     for note in notes:
@@ -167,15 +176,15 @@ def encode_rows(tokenizer, dictionary, texts, bsz):
     return tokens, lengths
 
 
-def make_sample(task, bsz, image_size, dictionary, tokenizer, seed):
-    """A batch as the collater makes it (random images, real prompt text)."""
+def make_sample(task, bsz, image_size, dictionary, tokenizer, seed, device="cpu", dtype=torch.float32):
+    """A batch as the collater makes it (random images, real prompt text), on `device`."""
     gen = torch.Generator().manual_seed(seed)
     if task == "caption":
         texts = [CAPTION_PROMPT]
     else:
         texts = [f' does the image describe " {h} "?' for h in SNLI_HYPOTHESES]
     src_tokens, src_lengths = encode_rows(tokenizer, dictionary, texts, bsz)
-    images = torch.rand(bsz, 3, image_size, image_size, generator=gen) * 2 - 1  # normalised mean=std=0.5
+    images = (torch.rand(bsz, 3, image_size, image_size, generator=gen) * 2 - 1).to(dtype)  # mean=std=0.5
     net_input = {
         "src_tokens": src_tokens,
         "src_lengths": src_lengths,
@@ -183,7 +192,9 @@ def make_sample(task, bsz, image_size, dictionary, tokenizer, seed):
         "patch_masks": torch.ones(bsz, dtype=torch.bool),
         "prev_output_tokens": torch.full((bsz, 1), dictionary.bos(), dtype=torch.long),
     }
-    return {"id": torch.arange(bsz), "net_input": net_input, "target": None, "ntokens": 0, "nsentences": bsz}
+    net_input = {k: v.to(device) for k, v in net_input.items()}
+    return {"id": torch.arange(bsz, device=device), "net_input": net_input, "target": None, "ntokens": 0,
+            "nsentences": bsz}
 
 
 def snli_candidates(bsz, dictionary, tokenizer):
@@ -234,7 +245,8 @@ class SnliRunner:
             self.model.set_exit_settings(make_settings(**self.exit_kwargs, max_len=2, trace=trace))
         try:
             encoder_out = self.model.encoder(net["src_tokens"], net["src_lengths"], net["patch_images"], net["patch_masks"])
-            rows = torch.arange(net["src_tokens"].size(0)).repeat_interleave(len(SNLI_ANSWERS))
+            rows = torch.arange(net["src_tokens"].size(0), device=self.candidates.device)
+            rows = rows.repeat_interleave(len(SNLI_ANSWERS))
             encoder_out = self.model.encoder.reorder_encoder_out(encoder_out, rows)
             self.model.decoder(self.candidates, encoder_out=encoder_out)
         finally:
@@ -244,8 +256,9 @@ class SnliRunner:
         return stats
 
 
-def time_configs(runners, sample, repeats):
+def time_configs(runners, sample, repeats, sync=lambda: None):
     """One warm-up round, then `repeats` timed rounds; configs interleaved, order rotated per round.
+    `sync` waits for the device's queued work (torch.cuda.synchronize on a GPU).
     Returns {config: (median seconds, fastest seconds, stats of the last timed run)}."""
     names = list(runners)
     times = {n: [] for n in names}
@@ -254,8 +267,10 @@ def time_configs(runners, sample, repeats):
         for rnd in range(repeats + 1):
             shift = rnd % len(names)
             for name in names[shift:] + names[:shift]:
+                sync()
                 start = time.perf_counter()
                 result = runners[name](sample)
+                sync()
                 elapsed = time.perf_counter() - start
                 if rnd > 0:
                     times[name].append(elapsed)
@@ -265,15 +280,17 @@ def time_configs(runners, sample, repeats):
 
 def bench_one(model, size, task, bsz, args, tokenizer):
     dictionary = model.decoder.dictionary
-    sample = make_sample(task, bsz, args.image_size[size], dictionary, tokenizer, args.seed + bsz)
+    sample = make_sample(task, bsz, args.image_size[size], dictionary, tokenizer, args.seed + bsz,
+                         args.device, DTYPES[args.dtype])
     thres = {"img_thres": args.img_thres[size], "txt_thres": args.txt_thres[size], "dec_thres": args.dec_thres[size]}
     kwargs = {"full": None, "bookkeeping": dict(NEVER), "mue": thres}
     if task == "caption":
         runners = {c: CaptionRunner(model, dictionary, kwargs[c], args.beam, args.max_len_b) for c in CONFIGS}
     else:
-        candidates = snli_candidates(bsz, dictionary, tokenizer)
+        candidates = snli_candidates(bsz, dictionary, tokenizer).to(args.device)
         runners = {c: SnliRunner(model, dictionary, kwargs[c], candidates) for c in CONFIGS}
-    results = time_configs(runners, sample, args.repeats)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    results = time_configs(runners, sample, args.repeats, sync)
     return rows_for(size, task, bsz, results, model_sizes(model), thres)
 
 
@@ -329,12 +346,17 @@ def parse_args(argv=None):
     p.add_argument("--beam", type=int, default=5)
     p.add_argument("--max-len-b", type=int, default=16)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models run")
+    p.add_argument("--dtype", default="float32", choices=tuple(DTYPES),
+                   help="weights and activations (float16/bfloat16 as one serves on a GPU)")
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads; 0 (default) keeps torch's default (one per core)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and machine info as JSON")
     p.add_argument("--quick", action="store_true",
                    help="smoke-test setting: micro only, batch 2, 32 px, 1 repeat, max_len_b 4")
     args = p.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA device here")
     if args.quick:
         args.sizes, args.batch_sizes, args.image_size, args.repeats, args.max_len_b = "micro", "2", "32", 1, 4
     args.sizes = parse_list(args.sizes, str, "--sizes", ARCHS)
@@ -354,9 +376,9 @@ def main(argv=None):
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    info = machine_info()
+    info = machine_info(args.device)
     notes = [
-        "random-weight models (seed %d), eval mode, no_grad, fp32, dropout 0" % args.seed,
+        f"random-weight models (seed {args.seed}), eval mode, no_grad, {args.dtype} on {args.device}, dropout 0",
         "image size per model: " + ", ".join(f"{s} {args.image_size[s]}px" for s in args.sizes)
         + " (OFA uses 480px; base runs at 192px by default to keep CPU time sane: ~6 min for the default "
         "run on 2 cores; --image-size micro=64,base=256 roughly doubles base's share)",
@@ -377,7 +399,7 @@ def main(argv=None):
     started = time.perf_counter()
     for size in args.sizes:
         torch.manual_seed(args.seed)
-        model = build_arch(ARCHS[size], dictionary=None, dropout=0.0).eval()
+        model = build_arch(ARCHS[size], dictionary=None, dropout=0.0).eval().to(args.device, DTYPES[args.dtype])
         for task in args.tasks:
             for bsz in args.batch_sizes:
                 rows = bench_one(model, size, task, bsz, args, tokenizer)
