@@ -418,16 +418,21 @@ def test_report_reads_baseline_settings():
 
 
 # ---- the comparison script, end to end -------------------------------------------------------------------------
-def test_compare_baselines_tiny_end_to_end(tmp_path):
+@pytest.mark.parametrize("task", ["caption", "snli_ve"])
+def test_compare_baselines_tiny_end_to_end(tmp_path, task):
     import json
 
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, os.path.join(REPO, "scripts", "compare_baselines.py"), str(tmp_path),
-                           "--train", "--tiny"], capture_output=True, text=True, env=env, timeout=240)
+                           "--train", "--tiny", "--task", task], capture_output=True, text=True, env=env,
+                          timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
+    assert f"kept {'CIDEr' if task == 'caption' else 'accuracy'} |" in done.stdout
+    assert "timed again after the sweeps, ran at" in done.stdout  # the timing-noise check ran
     for run in ("full", "mue", "entropy (DeeBERT)", "patience (PABEE)", "imitation (DeeCap)", "OFA-Tiny"):
         assert f"| {run} |" in done.stdout, run
     records = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
+    assert {r["task"] for r in records} == {task}
     by_run = {}
     for rec in records:
         by_run.setdefault(rec["run"], []).append(rec)
@@ -439,3 +444,77 @@ def test_compare_baselines_tiny_end_to_end(tmp_path):
     tiny = by_run["OFA-Tiny"][0]["exit"]
     assert tiny["reference_layers"] == [6, 6] and tiny["expected_time_reduction"] == pytest.approx(0.5)
     assert (tmp_path / "report" / "report.md").is_file() and (tmp_path / "report" / "comparison.md").is_file()
+
+
+def _compare_main():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("compare_baselines", os.path.join(REPO, "scripts",
+                                                                                     "compare_baselines.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_baselines_on_real_data_uses_the_given_arguments(tmp_path, monkeypatch):
+    """--task-data: no training, no synthetic data; the user's task and generation arguments and the
+    reference arch reach the sweeps unchanged."""
+    cb = _compare_main()
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_sweeps(data, ckpt_dir, out, tiny, split, task, gen, reference_arch, log=print):
+        seen.update(data=data, ckpt_dir=ckpt_dir, split=split, task=task, gen=gen, reference_arch=reference_arch)
+        raise Stop
+
+    monkeypatch.setattr(cb, "run_sweeps", fake_sweeps)
+    monkeypatch.setattr(cb, "train_models", lambda *a, **k: pytest.fail("trained on real data"))
+    (tmp_path / "coco").mkdir()
+    with pytest.raises(Stop):
+        cb.main([str(tmp_path / "out"), "--task-data", str(tmp_path / "coco"), "--checkpoints", str(tmp_path / "ck"),
+                 "--task-args", "--patch-image-size 480", "--gen-args", "--batch-size 64 --beam 5 --fp16",
+                 "--reference-arch", "mue_ofa_base", "--split", "test"])
+    assert seen == {"data": str(tmp_path / "coco"), "ckpt_dir": str(tmp_path / "ck"), "split": "test",
+                    "task": "caption", "reference_arch": "mue_ofa_base",
+                    "gen": ["--patch-image-size", "480", "--batch-size", "64", "--beam", "5", "--fp16"]}
+    assert not (tmp_path / "out" / "data").exists()  # no synthetic data was written
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task-data", "{tmp}", "--train"], "--train and --data are for the synthetic benchmark"),
+    (["--task-data", "{tmp}/missing", "--checkpoints", "{tmp}"], "no such directory"),
+    (["--task", "vqa", "--train"], "invalid choice"),
+])
+def test_compare_baselines_bad_arguments_are_clear(tmp_path, capsys, argv, message):
+    cb = _compare_main()
+    with pytest.raises(SystemExit) as exc:
+        cb.main([str(tmp_path / "out"), *[a.format(tmp=tmp_path) for a in argv]])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_comparison_table_says_who_is_ahead_by_each_criterion():
+    """Crafted records: a baseline ahead in FLOPs and wall clock but behind in Eq. 14 is reported so, a
+    baseline that keeps no setting at a level is said to be behind, and speedups within 5 % tie."""
+    from test_report import parse_table, rec
+
+    cb = _compare_main()
+    records = [
+        rec("full", q=1.0, etr=0.0, flops=0.0, wall=10.0),
+        rec("mue", 0.9, 0.9, 0.9, q=0.995, etr=0.6, flops=0.2, wall=8.0),  # 1.25x
+        rec("mue", 0.8, 0.8, 0.8, q=0.97, etr=0.7, flops=0.25, wall=7.0),  # 1.43x
+        rec("OFA-Tiny", q=0.995, etr=0.5, flops=0.35, wall=6.0),  # 1.67x
+        rec("patience (PABEE)", q=0.97, etr=0.3, flops=0.1, wall=6.9),  # 1.45x: within 5 % of MuE's 1.43x
+    ]
+    rows = parse_table(cb.comparison_table(records, "caption", levels=(0.99, 0.96)), "method")
+    cell = {(r["method"], r["kept CIDEr"]): r for r in rows}
+    verdict = "ahead: time red. / FLOPs / speedup"
+    assert cell[("OFA-Tiny", ">= 99%")][verdict] == "MuE / baseline / baseline"
+    assert cell[("mue", ">= 99%")]["time red. (%)"] == "60.0" and cell[("mue", ">= 96%")]["time red. (%)"] == "70.0"
+    assert cell[("mue", ">= 96%")]["speedup (x)"] == "1.43"  # the best speedup, not the best time reduction's
+    assert cell[("patience (PABEE)", ">= 99%")]["time red. (%)"] == "none keeps it"
+    assert cell[("patience (PABEE)", ">= 99%")][verdict].startswith("MuE")
+    assert cell[("patience (PABEE)", ">= 96%")][verdict] == "MuE / MuE / tie"
+    assert cb._verdict("speedup", 1.25, 1.28) == "tie" and cb._verdict("etr", 0.5, 0.5) == "tie"
+    assert cb._verdict("flops_reduction", None, 0.2) == "n/a"
