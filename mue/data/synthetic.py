@@ -27,7 +27,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -173,29 +173,78 @@ def pick_refs(rng: np.random.Generator, cands: List[str], k: int) -> List[str]:
 
 
 # ------------------------------------------------------------------------------------------- hypotheses
-def hypothesis_candidates(objects: List[Obj]) -> Dict[str, List[str]]:
-    """True, false and undecidable statements about the scene, by SNLI-VE label."""
-    n = len(objects)
-    present = {(o.color, o.shape) for o in objects}
-    shape_count = Counter(o.shape for o in objects)
-    nouns = Counter(o.noun() for o in objects)
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
+
+def scene_facts(objects: List[Obj]) -> Dict[str, set]:
+    """What is true of the scene, by kind of statement, as structured facts (see `say`)."""
+    nouns = Counter(o.noun() for o in objects)
+    facts = {
+        "presence": {(o.color, o.shape) for o in objects},
+        "sized presence": {(o.size, o.color, o.shape) for o in objects},
+        "object count": {len(objects)},
+        "shape count": set(Counter(o.shape for o in objects).items()),
+        "relation": set(),
+    }
+    for i, rel, j in relations(objects):
+        p, q = objects[i].noun(), objects[j].noun()
+        if nouns[p] == 1 and nouns[q] == 1:  # "the red circle" must name one object
+            facts["relation"] |= {(p, rel, q), (q, OPPOSITE[rel], p)}  # both ways of saying it
+    return facts
+
+
+def is_false(kind: str, fact, facts: Dict[str, set]) -> bool:
+    """Whether `fact` (of `kind`) contradicts a scene with `facts` (relations: only between objects the
+    scene names uniquely, else the statement would be undecidable rather than false)."""
+    if kind == "shape count":
+        shape, k = fact
+        return k != dict(facts["shape count"]).get(shape, 0)
+    if kind == "relation":
+        p, rel, q = fact
+        return (p, OPPOSITE[rel], q) in facts["relation"]
+    return fact not in facts[kind]
+
+
+def phrasings(kind: str, fact) -> List[str]:
+    """The ways the generator words a fact (an object count has two)."""
     def how_many(k, noun):  # an exact count: "there is only one square", "there are two squares"
         return f"there is only one {noun}" if k == 1 else f"there are {counted(k, noun)}"
 
-    ent = [f"there is {a(o.noun())}" for o in objects] + [f"there is {a(o.noun(True))}" for o in objects]
-    ent += [how_many(n, "object"), "the image shows " + ("only one shape" if n == 1 else counted(n, "shape"))]
-    ent += [how_many(k, s) for s, k in shape_count.items()]
-    con = [f"there is {a(c + ' ' + o.shape)}" for o in objects for c in COLORS if (c, o.shape) not in present]
-    con += [f"there is {a(o.color + ' ' + s)}" for o in objects for s in SHAPES if (o.color, s) not in present]
-    con += [how_many(m, "object") for m in range(1, 8) if m != n]
-    con += [how_many(m, s) for s in SHAPES for m in (1, 2, 3) if m != shape_count[s]]
-    for i, rel, j in relations(objects):
-        p, q = objects[i], objects[j]
-        if nouns[p.noun()] == 1 and nouns[q.noun()] == 1:
-            ent.append(f"the {p.noun()} is {rel} the {q.noun()}")
-            opposite = "right of" if rel == "left of" else "below"
-            con.append(f"the {p.noun()} is {opposite} the {q.noun()}")
+    if kind in ("presence", "sized presence"):
+        return [f"there is {a(' '.join(fact))}"]
+    if kind == "object count":
+        shows = "only one shape" if fact == 1 else counted(fact, "shape")
+        return [how_many(fact, "object"), f"the image shows {shows}"]
+    if kind == "shape count":
+        return [how_many(fact[1], fact[0])]
+    p, rel, q = fact
+    return [f"the {p} is {rel} the {q}"]
+
+
+def say(kind: str, fact, rng: np.random.Generator) -> str:
+    """A fact in words, one of its phrasings at random."""
+    ways = phrasings(kind, fact)
+    return ways[rng.integers(len(ways))] if len(ways) > 1 else ways[0]
+
+
+def false_facts(kind: str, facts: Dict[str, set]) -> list:
+    """Every false fact of `kind` the generator can state about a scene with `facts`."""
+    if kind == "relation":
+        return sorted((p, OPPOSITE[rel], q) for p, rel, q in facts["relation"])
+    if kind == "presence":
+        domain = [(c, s) for c in COLORS for s in SHAPES]
+    elif kind == "sized presence":
+        domain = [(z, c, s) for z in SIZES for c in COLORS for s in SHAPES]
+    elif kind == "object count":
+        domain = list(range(1, 8))
+    else:
+        domain = [(s, k) for s in SHAPES for k in range(1, 7)]
+    return [f for f in domain if is_false(kind, f, facts)]
+
+
+def neutral_statements(objects: List[Obj]) -> List[str]:
+    """Statements the image cannot decide. Their own templates give them away, as SNLI-VE's neutral
+    hypotheses are partly given away by their wording."""
     neu = []
     for o in objects:
         the = f"the {o.noun()}"
@@ -204,8 +253,43 @@ def hypothesis_candidates(objects: List[Obj]) -> Dict[str, List[str]]:
         neu += [f"{the} will move {d} next" for d in DIRECTIONS]
         neu += [f"someone drew {the} {w}" for w in WHEN] + [f"{the} was painted by {w}" for w in WHO]
         neu += [f"there is {a(x)} hidden behind {the}" for x in other[:: 4]]
+    return list(dict.fromkeys(neu))
+
+
+def hypothesis_candidates(objects: List[Obj]) -> Dict[str, List[str]]:
+    """True, false and undecidable statements about the scene, by SNLI-VE label."""
+    facts = scene_facts(objects)
+    ent = [h for kind, fs in facts.items() for f in sorted(fs) for h in phrasings(kind, f)]
+    con = [h for kind in facts for f in false_facts(kind, facts) for h in phrasings(kind, f)]
     return {"entailment": list(dict.fromkeys(ent)), "contradiction": list(dict.fromkeys(con)),
-            "neutral": list(dict.fromkeys(neu))}
+            "neutral": neutral_statements(objects)}
+
+
+def sample_hypothesis(rng: np.random.Generator, objects: List[Obj], label: str, image_size: int,
+                      max_objects: int) -> str:
+    """One hypothesis of `label`, made so that its wording does not give an entailment or a
+    contradiction away: both first pick a kind of statement (uniformly among the kinds the scene can
+    state both ways), and a contradiction is a true fact of another random scene that is false here,
+    so true and false statements share their templates and about their word distributions."""
+    if label == "neutral":
+        neu = neutral_statements(objects)
+        return neu[rng.integers(len(neu))]
+    facts = scene_facts(objects)
+    kinds = [kind for kind, fs in facts.items() if fs]  # every kind but relations has true facts
+    kind = kinds[rng.integers(len(kinds))]
+    if label == "entailment":
+        pool = sorted(facts[kind])
+        return say(kind, pool[rng.integers(len(pool))], rng)
+    if kind == "relation":
+        pool = false_facts(kind, facts)
+        return say(kind, pool[rng.integers(len(pool))], rng)
+    for _ in range(100):
+        other = sorted(scene_facts(sample_scene(rng, image_size, max_objects))[kind])
+        fact = other[rng.integers(len(other))]
+        if is_false(kind, fact, facts):
+            return say(kind, fact, rng)
+    pool = false_facts(kind, facts)  # e.g. a scene of six objects, when other scenes keep matching it
+    return say(kind, pool[rng.integers(len(pool))], rng)
 
 
 # ------------------------------------------------------------------------------------------------ writer
@@ -243,10 +327,9 @@ def _write_split(out_dir: str, split: str, split_index: int, num_images: int, se
             for ref in refs:
                 refs_json["annotations"].append(
                     {"image_id": image_id, "id": len(refs_json["annotations"]), "caption": ref})
-            hyps = hypothesis_candidates(objects)
             premise = refs[0]
             for k, label in enumerate(LABELS):
-                hyp = hyps[label][rng.integers(len(hyps[label]))]
+                hyp = sample_hypothesis(rng, objects, label, image_size, max_objects)
                 ve_f.write(f"{image_id}_{k}\t{image_id}\t{image}\t{hyp}\t{premise}\t{label}\t{n}\n")
                 texts += [SNLI_VE_PROMPT.format(hypothesis=normalize_text(hyp)),
                           SNLI_VE_PREMISE_PROMPT.format(premise=normalize_text(premise),
