@@ -118,7 +118,6 @@ def test_schedule_counts_updates_as_fairseq_batches():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--synthetic", "--ofa-checkpoint", "x.pt"], "real data"),
     (["--ofa-checkpoint", "missing.pt"], "file not found"),
     (["--synthetic", "--ngpu", "2"], "CPU"),
     (["--runs", "w/o decomposition"], "must include mue"),
@@ -170,6 +169,11 @@ def test_synthetic_path_trains_three_runs_and_renders_the_tables(synthetic):
             cfg = checkpoint_utils.load_checkpoint_to_cpu(str(out / "checkpoints" / f"{task}_{suffix}" /
                                                               "checkpoint_last.pt"))["cfg"]
             assert (str(cfg.model.encoder_mode), cfg.criterion.last_layer_only) == (mode, last_only), (task, suffix)
+    # SNLI-VE fine-tunes the caption model trained without the layer-wise loss (a stand-in for pretrained OFA)
+    pretrained = str(out / "checkpoints" / "mue_caption_lastlayer" / "checkpoint_last.pt")
+    for suffix in ("mue", "joint", "lastlayer"):
+        log = (out / "checkpoints" / f"mue_snli_ve_{suffix}" / "train.log").read_text()
+        assert f"--finetune-from-model {pretrained}" in stdout and pretrained in log, suffix
     tables = (out / "paper_tables.md").read_text()
     for n in (1, 2, 3, 4):
         assert tables.count(f"### Table {n}:") == 2
