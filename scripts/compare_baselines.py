@@ -108,31 +108,47 @@ def fairseq_train(argv: Sequence[str]) -> None:
     train.main(convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), list(argv))))
 
 
-def train_models(data: str, ckpt_dir: str, size: dict, task: str = "caption", log=print) -> None:
-    """The MuE backbone, its imitation heads (backbone frozen) and the OFA-Tiny baseline, via fairseq-train."""
+def train_models(data_root: str, ckpt_dir: str, size: dict, task: str = "caption", tiny: bool = False,
+                 log=print) -> None:
+    """The MuE backbone, its imitation heads (backbone frozen) and the OFA-Tiny baseline, via fairseq-train.
+
+    SNLI-VE models fine-tune a caption model of their arch trained with plain cross-entropy (as MuE
+    fine-tunes pretrained OFA): from scratch, in this budget, they learn only what the hypotheses'
+    wording tells and ignore the images (see scripts/demo.py)."""
+    def common(on_task, updates):
+        return [os.path.join(data_root, on_task), "--user-dir", os.path.join(REPO, "mue"), "--task", TASKS[on_task],
+                *model_args(size), "--batch-size", str(size["batch"]), "--optimizer", "adam", "--lr", "1e-3",
+                "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(max(1, updates // 10)), "--dropout", "0.1",
+                "--no-epoch-checkpoints", "--disable-validation", "--log-format", "simple", "--log-interval", "50",
+                "--seed", "1", "--max-epoch", "1000", "--max-update", str(updates)]
+
     smoothing = "0.1" if task == "caption" else "0.0"  # as the demo's recipes (scripts/reproduce.py)
-    common = [data, "--user-dir", os.path.join(REPO, "mue"), "--task", TASKS[task], *model_args(size),
-              "--batch-size", str(size["batch"]), "--optimizer", "adam", "--lr", "1e-3", "--lr-scheduler",
-              "inverse_sqrt", "--warmup-updates", str(max(1, size["updates"] // 10)), "--dropout", "0.1",
-              "--no-epoch-checkpoints", "--disable-validation", "--log-format", "simple", "--log-interval", "50",
-              "--seed", "1", "--max-epoch", "1000"]
-    jobs = [
-        ("mue", ["--arch", "mue_ofa_micro", "--criterion", "mue", "--label-smoothing", smoothing,
-                 "--max-update", str(size["updates"])]),
-        ("imitation", ["--arch", "mue_ofa_micro", "--criterion", "mue_imitation", "--exit-policy", "imitation",
-                       "--max-update", str(size["imitation_updates"]),
-                       "--restore-file", os.path.join(ckpt_dir, "mue", "checkpoint_last.pt"), "--reset-optimizer",
-                       "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler"]),
-        ("ofa_tiny", ["--arch", "mue_ofa_nano", "--encoder-mode", "joint", "--criterion", "mue",
-                      "--last-layer-only", "--label-smoothing", smoothing, "--max-update", str(size["updates"])]),
+    micro, nano = ["--arch", "mue_ofa_micro"], ["--arch", "mue_ofa_nano", "--encoder-mode", "joint"]
+    jobs, init = [], {"mue": [], "ofa_tiny": []}
+    if task == "snli_ve":
+        caption_updates = sizes(tiny, "caption")["updates"]
+        for name, arch in (("pretrain_micro", micro), ("pretrain_nano", nano)):
+            jobs.append((name, common("caption", caption_updates) + arch + [
+                "--criterion", "mue", "--last-layer-only", "--label-smoothing", "0.1"]))
+        init = {run: ["--finetune-from-model", os.path.join(ckpt_dir, pre, "checkpoint_last.pt")]
+                for run, pre in (("mue", "pretrain_micro"), ("ofa_tiny", "pretrain_nano"))}
+    jobs += [
+        ("mue", common(task, size["updates"]) + micro + ["--criterion", "mue", "--label-smoothing", smoothing]
+         + init["mue"]),
+        ("imitation", common(task, size["imitation_updates"]) + micro + [
+            "--criterion", "mue_imitation", "--exit-policy", "imitation",
+            "--restore-file", os.path.join(ckpt_dir, "mue", "checkpoint_last.pt"), "--reset-optimizer",
+            "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler"]),
+        ("ofa_tiny", common(task, size["updates"]) + nano + ["--criterion", "mue", "--last-layer-only",
+                                                             "--label-smoothing", smoothing] + init["ofa_tiny"]),
     ]
-    for name, args in jobs:
+    for name, argv in jobs:
         save = os.path.join(ckpt_dir, name)
         if os.path.exists(os.path.join(save, "checkpoint_last.pt")):
             log(f"-- {name}: reusing {save}/checkpoint_last.pt")
             continue
-        log(f"-- training {name} ({' '.join(args)})")
-        fairseq_train([*common, *args, "--save-dir", save])
+        log(f"-- training {name} ({' '.join(argv[1:])})")
+        fairseq_train([*argv, "--save-dir", save])
 
 
 def run_sweeps(data: str, ckpt_dir: str, out: str, tiny: bool, split: str, task: str, gen: Sequence[str],
@@ -297,7 +313,7 @@ def main(argv=None) -> int:
     gen = [*task_args, *(default_gen_args(args.task) if args.gen_args is None else shlex.split(args.gen_args))]
     ckpt_dir = args.checkpoints or os.path.join(args.out, "checkpoints")
     if args.train:
-        train_models(data, ckpt_dir, size, args.task)
+        train_models(data_root, ckpt_dir, size, args.task, args.tiny)
     records_dir = os.path.join(args.out, "records")
     paths = run_sweeps(data, ckpt_dir, records_dir, args.tiny, args.split, args.task, gen, args.reference_arch)
     retimed = retime_full(data, ckpt_dir, records_dir, args.split, args.task, gen)

@@ -429,6 +429,9 @@ def test_compare_baselines_tiny_end_to_end(tmp_path, task):
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"kept {'CIDEr' if task == 'caption' else 'accuracy'} |" in done.stdout
     assert "timed again after the sweeps, ran at" in done.stdout  # the timing-noise check ran
+    pretrained = [(tmp_path / "checkpoints" / name / "checkpoint_last.pt").is_file()
+                  for name in ("pretrain_micro", "pretrain_nano")]
+    assert pretrained == [task == "snli_ve"] * 2  # SNLI-VE fine-tunes caption models of each arch
     for run in ("full", "mue", "entropy (DeeBERT)", "patience (PABEE)", "imitation (DeeCap)", "OFA-Tiny"):
         assert f"| {run} |" in done.stdout, run
     records = [json.loads(p.read_text()) for p in (tmp_path / "records").glob("*.json")]
