@@ -6,8 +6,9 @@ A thin wrapper over scripts/reproduce.py's synthetic path, for both tasks (capti
   2. train     fairseq-train --arch mue_ofa_micro: MuE (criterion `mue`, layer-wise loss) and the ablation
                w/o layer-wise loss (--last-layer-only); scripts/reproduce.py --synthetic adds w/o decomposition.
                SNLI-VE runs fine-tune the caption model trained w/o layer-wise loss, as the paper fine-tunes
-               pretrained OFA: from scratch, in this budget, they learn only what the hypothesis's wording
-               tells (66.7 %: neutral statements have their own templates) and ignore the image
+               pretrained OFA. (In this budget they still learn only what the hypotheses' wording tells,
+               66.7 %: neutral statements have their own templates; telling true from false statements
+               needs the image, and the micro model does not learn that here, from scratch or not.)
   3. evaluate  fairseq-generate over threshold sweeps, on the dev split (to choose thresholds) and the
                test split; every setting writes one JSON record with quality, exit statistics and timing
   4. report    results/demo/report.md, results/demo/paper_tables.md (Tables 1-4) and PNG figures;
