@@ -14,9 +14,7 @@ from fairseq import options, tasks
 from fairseq.utils import move_to_cuda
 
 from mue.generation import MueSequenceGenerator
-from mue.models import build_arch
-from ofa_reference import randomize_, tiny_dictionary
-from test_generator import make_sample
+from test_generator import make_sample, model_and_dict  # noqa: F401  (a fixture)
 from test_tasks import SMALL, make_cfg, valid_stats
 
 DEVICE = os.environ.get("MUE_TEST_DEVICE", "cuda")
@@ -38,11 +36,9 @@ def to_device(obj):
 
 
 @pytest.fixture(scope="module")
-def models():
-    torch.manual_seed(0)
-    d = tiny_dictionary(60)
-    cpu = build_arch("mue_ofa_micro", d, dropout=0.0).eval()
-    randomize_(cpu, seed=1)
+def models(model_and_dict):
+    """test_generator's randomised micro model, on the CPU and a copy on the device."""
+    cpu, d = model_and_dict
     return d, cpu, copy.deepcopy(cpu).to(DEVICE)
 
 

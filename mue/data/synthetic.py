@@ -27,7 +27,7 @@ import json
 import os
 from collections import Counter
 from dataclasses import asdict, dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 from PIL import Image, ImageDraw
