@@ -21,14 +21,13 @@
 # SCST_CE_WEIGHT, FINETUNE_FROM (synthetic only).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
+model_run 1e-4 1e-5
 
 if [[ "$SYNTHETIC" == 1 ]]; then
     make_synthetic_data "$DATA_DIR"
     DATA="$DATA_DIR/caption"
     EPOCHS="${EPOCHS:-1}"
     EVAL_ARGS='{"beam": 2, "max_len_b": 16, "no_repeat_ngram_size": 3}'
-    RUN=(--arch mue_ofa_micro --patch-image-size 64 --num-codes 0 --num-bins 0
-         --cpu --distributed-backend gloo --num-workers 0 --lr "${LR:-1e-4}" --log-interval 1)
     if [[ -n "${FINETUNE_FROM:-}" ]]; then
         [[ -f "$FINETUNE_FROM" ]] || die "FINETUNE_FROM checkpoint not found: $FINETUNE_FROM"
         RUN+=(--finetune-from-model "$FINETUNE_FROM")
@@ -38,22 +37,16 @@ else
     EPOCHS="${EPOCHS:-3}"
     BATCH_SIZE="${BATCH_SIZE:-2}"
     EVAL_ARGS='{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}'
-    RUN=(--arch mue_ofa_base --patch-image-size 480 --finetune-from-model "$CHECKPOINT"
-         --num-workers 4 --lr "${LR:-1e-5}" --log-interval 10)
 fi
 schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
+optimization_args
 mkdir -p "$SAVE_DIR"
 
-launch "$DATA" --task mue_caption "${RUN[@]}" \
+launch "$DATA" --task mue_caption "${RUN[@]}" "${OPTIM[@]}" \
     --max-src-length 80 --max-tgt-length 20 --freeze-embeddings \
     --criterion mue_scst --scst-samples 5 --scst-cider-df "${CIDER_DF:-$SAVE_DIR/cider_d_df.json}" \
     --scst-ce-weight "${SCST_CE_WEIGHT:-0}" \
     --dropout 0.0 --attention-dropout 0.0 --encoder-drop-path-rate 0.0 --decoder-drop-path-rate 0.0 \
-    --optimizer adam --adam-betas "(0.9,0.999)" --adam-eps 1e-08 --weight-decay 0.01 --clip-norm 1.0 \
-    --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" --total-num-update "$TOTAL_UPDATES" \
-    --max-epoch "$EPOCHS" --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ" \
-    --required-batch-size-multiple 1 --find-unused-parameters \
     --eval-cider --eval-args "$EVAL_ARGS" \
     --best-checkpoint-metric cider --maximize-best-checkpoint-metric \
-    --no-epoch-checkpoints --log-format simple \
     "${EXTRA_ARGS[@]}"

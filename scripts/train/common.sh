@@ -110,6 +110,28 @@ schedule_updates() {
         "$TOTAL_UPDATES updates over $epochs epoch(s), $WARMUP_UPDATES warm-up"
 }
 
+# model_run SYNTHETIC_LR REAL_LR: RUN=(model, image size, device, learning rate, log interval) of the
+# synthetic CPU version (mue_ofa_micro from scratch, 64 px) or the real run (mue_ofa_base from
+# $CHECKPOINT, 480 px); LR overrides the recipe's default rate.
+model_run() {
+    if [[ "$SYNTHETIC" == 1 ]]; then
+        RUN=(--arch mue_ofa_micro --patch-image-size 64 --num-codes 0 --num-bins 0
+             --cpu --distributed-backend gloo --num-workers 0 --lr "${LR:-$1}" --log-interval 1)
+    else
+        RUN=(--arch mue_ofa_base --patch-image-size 480 --finetune-from-model "$CHECKPOINT"
+             --num-workers 4 --lr "${LR:-$2}" --log-interval 10)
+    fi
+}
+
+# optimization_args: OPTIM=(OFA's optimiser and schedule, batching and checkpoint options, the same in
+# every recipe); call after schedule_updates.
+optimization_args() {
+    OPTIM=(--optimizer adam --adam-betas "(0.9,0.999)" --adam-eps 1e-08 --weight-decay 0.01 --clip-norm 1.0
+           --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" --total-num-update "$TOTAL_UPDATES"
+           --max-epoch "$EPOCHS" --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ"
+           --required-batch-size-multiple 1 --find-unused-parameters --no-epoch-checkpoints --log-format simple)
+}
+
 # launch ARGS...: fairseq-train ARGS (plus --user-dir), under torchrun when NGPU > 1.
 launch() {
     local train="${FAIRSEQ_TRAIN:-$(command -v fairseq-train || true)}"

@@ -16,29 +16,22 @@
 # Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, SYN_NUM_* (see common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
+model_run 5e-4 5e-5
 
 if [[ "$SYNTHETIC" == 1 ]]; then
     make_synthetic_data "$DATA_DIR"
     DATA="$DATA_DIR/snli_ve"
     EPOCHS="${EPOCHS:-2}"
-    RUN=(--arch mue_ofa_micro --patch-image-size 64 --num-codes 0 --num-bins 0
-         --cpu --distributed-backend gloo --num-workers 0 --lr "${LR:-5e-4}" --log-interval 1)
 else
     DATA="$DATA_DIR"
     EPOCHS="${EPOCHS:-5}"
-    RUN=(--arch mue_ofa_base --patch-image-size 480 --finetune-from-model "$CHECKPOINT"
-         --num-workers 4 --lr "${LR:-5e-5}" --log-interval 10)
 fi
 schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
+optimization_args
 
-launch "$DATA" --task mue_snli_ve "${RUN[@]}" \
+launch "$DATA" --task mue_snli_ve "${RUN[@]}" "${OPTIM[@]}" \
     --max-src-length 80 --max-tgt-length 20 \
     --criterion mue --label-smoothing 0.0 \
     --dropout 0.1 --attention-dropout 0.0 --encoder-drop-path-rate 0.1 --decoder-drop-path-rate 0.1 \
-    --optimizer adam --adam-betas "(0.9,0.999)" --adam-eps 1e-08 --weight-decay 0.01 --clip-norm 1.0 \
-    --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" --total-num-update "$TOTAL_UPDATES" \
-    --max-epoch "$EPOCHS" --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ" \
-    --required-batch-size-multiple 1 --find-unused-parameters \
     --best-checkpoint-metric snli_score --maximize-best-checkpoint-metric \
-    --no-epoch-checkpoints --log-format simple \
     "${EXTRA_ARGS[@]}"
