@@ -326,3 +326,49 @@ def test_image_transform_on_a_record(tmp_path):
     aug = pickle.loads(pickle.dumps(image_transform(16, train=True, augment=True)))
     assert aug(image).shape == (3, 16, 16)
     assert torch.equal(image_transform(16, train=True)(image), x)  # no augmentation unless asked
+
+
+# ------------------------------------------------------------------------------------ decompression bombs
+@pytest.fixture(scope="module")
+def bomb_png():
+    """A 15000 x 15000 PNG of 27 KB (1 bit per pixel, all black): over twice Pillow's default
+    decompression-bomb limit (89.5 M pixels), so Pillow refuses to open it."""
+    buf = io.BytesIO()
+    Image.new("1", (15000, 15000)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_decompression_bomb_in_tsv_is_a_bad_row(tmp_path, bomb_png):
+    bomb = base64.b64encode(bomb_png).decode("ascii")
+    path = write(tmp_path / "c.tsv", [f"u1\ti1\tok\tl\t{RED}", f"u2\ti2\tok\tl\t{bomb}"])
+    with pytest.raises(DataError, match=r"c\.tsv:2: the base64 image is 15000 x 15000 pixels, over the "
+                                        r"178,956,970 pixels that Pillow decodes .*: resize the image"):
+        OfaCaptionTsv(path)[1]
+    lenient = OfaCaptionTsv(path, skip_bad=True)  # skipped and counted like any undecodable image
+    assert lenient[1]["image"] is None and lenient[0]["image"] is not None
+    assert [w for w, _ in lenient.skipped] == [2] and "15000 x 15000" in lenient.skipped[0][1]
+    verified = OfaCaptionTsv(path, skip_bad=True, verify_images=True)
+    assert len(verified) == 1 and verified.skipped[0][0] == 2
+
+
+def test_decompression_bomb_in_image_folder(tmp_path, bomb_png):
+    path, folder = karpathy(tmp_path)
+    image = tmp_path / "coco" / "val2014" / "a.jpg"  # a PNG under a .jpg name: Pillow goes by content
+    image.write_bytes(bomb_png)
+    with pytest.raises(DataError, match=rf"image id 11: image {image} is 15000 x 15000 pixels, over .*Pillow"):
+        CocoCaptionJson(path, folder, "test")[0]
+    lenient = CocoCaptionJson(path, folder, "test", skip_bad=True)
+    assert lenient[0]["image"] is None and "15000 x 15000" in lenient.skipped[0][1]
+
+
+def test_image_between_one_and_two_times_the_limit_decodes_with_a_warning(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 5 * 5)  # 6 x 4 = 24 pixels: under it
+    path = write(tmp_path / "c.tsv", [f"u1\ti1\tok\tl\t{RED}", f"u2\ti2\tok\tl\t{png_b64((1, 2, 3), (7, 5))}"])
+    reader = OfaCaptionTsv(path)
+    assert reader[0]["image"].size == (6, 4) and not caplog.records
+    with pytest.warns(Image.DecompressionBombWarning), caplog.at_level(logging.WARNING):
+        assert reader[1]["image"].size == (7, 5)  # 35 pixels: Pillow warns only, as by default
+    assert "c.tsv:2: the base64 image is 7 x 5 pixels, over Pillow's decompression-bomb warning limit" in caplog.text
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 17)  # 35 > 2 x 17: refused
+    with pytest.raises(DataError, match=r"c\.tsv:2: the base64 image is 7 x 5 pixels, over the 34 pixels"):
+        reader[1]

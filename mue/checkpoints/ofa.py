@@ -11,6 +11,7 @@ import os
 import torch
 
 from mue.models import ARCHS, build_arch
+from mue.models.state_dict import CheckpointMismatchError
 
 
 def load_ofa_state_dict(path: str) -> dict:
@@ -23,7 +24,8 @@ def load_ofa_state_dict(path: str) -> dict:
     if isinstance(state, dict) and "model" in state:
         state = state["model"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} is not a fairseq/OFA checkpoint (no 'model' state dict of tensors)")
+        raise CheckpointMismatchError(
+            f"{path} is not a fairseq/OFA checkpoint (no 'model' state dict of tensors)")
     return state
 
 
@@ -32,12 +34,13 @@ def infer_arch(state_dict: dict) -> str:
     try:
         dim = state_dict["encoder.embed_tokens.weight"].shape[1]
     except KeyError as err:
-        raise ValueError("not an OFA state dict: no encoder.embed_tokens.weight") from err
+        raise CheckpointMismatchError("not an OFA state dict: no encoder.embed_tokens.weight") from err
     layers = 1 + max(int(k.split(".")[2]) for k in state_dict if k.startswith("encoder.layers."))
     for name, sizes in ARCHS.items():
         if sizes["encoder_embed_dim"] == dim and sizes["encoder_layers"] == layers and name != "mue_ofa_micro":
             return name
-    raise ValueError(f"no mue_ofa arch has width {dim} and {layers} encoder layers; pass --arch and overrides")
+    raise CheckpointMismatchError(
+        f"no mue_ofa arch has width {dim} and {layers} encoder layers; pass --arch and overrides")
 
 
 def load_into_arch(path: str, arch: str = None, dictionary=None, **overrides):

@@ -21,7 +21,9 @@ An undecodable image is only found when its record is read: without ``skip_bad``
 ``DataError``; with ``skip_bad`` the record comes back with ``image=None`` (the collater marks such a row
 ``patch_masks=False``), the entry is added to ``skipped`` and a warning is logged.
 ``verify_images=True`` decodes every image while indexing instead, so such rows are also skipped (or
-raised) up front, at the cost of decoding every image once.
+raised) up front, at the cost of decoding every image once. An image Pillow refuses as a decompression bomb
+(more than twice ``PIL.Image.MAX_IMAGE_PIXELS``, Pillow's default limit, which is kept) is such an
+undecodable image; its DataError gives its size and says to resize it.
 """
 import base64
 import binascii
@@ -32,9 +34,11 @@ import os
 import threading
 from array import array
 from collections import OrderedDict
-from typing import Callable, Iterable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Tuple, Union
 
 from PIL import Image, UnidentifiedImageError
+
+from mue.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +46,7 @@ SNLI_VE_LABELS = ("contradiction", "entailment", "neutral")
 Cols = Union[None, str, Sequence[int]]
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Malformed input data; the message names the file and the line or image id."""
 
 
@@ -60,21 +64,71 @@ def parse_cols(cols: Cols) -> Optional[List[int]]:
 
 def decode_base64_image(text: str, where: str) -> Image.Image:
     """Decode a base64 image (standard or url-safe alphabet, as OFA writes it) to a PIL RGB image."""
+    failure = f"{where}: cannot decode the base64 image"
     try:
         raw = base64.urlsafe_b64decode(text)
-        with Image.open(io.BytesIO(raw)) as img:
-            return img.convert("RGB")
-    except (binascii.Error, UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{where}: cannot decode the base64 image: {e}") from None
+    except (binascii.Error, ValueError) as e:
+        raise DataError(f"{failure}: {e}") from None
+    return _open_rgb(io.BytesIO(raw), where, "the base64 image", failure)
 
 
 def load_image_file(path: str, where: str) -> Image.Image:
     """Open an image file as PIL RGB."""
+    return _open_rgb(path, where, f"image {path}", f"{where}: cannot read image {path}")
+
+
+def _open_rgb(source, where: str, what: str, failure: str) -> Image.Image:
+    """Decode ``source`` (a path or a binary file) to RGB; every failure is a DataError naming ``where``.
+
+    Pillow's decompression-bomb guard is kept at its default (``Image.MAX_IMAGE_PIXELS``): above twice
+    that many pixels Pillow refuses the image, which becomes a DataError (a bad row, skipped with
+    skip_bad like any undecodable image); between once and twice Pillow only warns, and the image is
+    decoded after a logged warning naming ``where`` (Pillow's own warning does not say which image).
+    """
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
+            limit = Image.MAX_IMAGE_PIXELS
+            if limit and img.width * img.height > limit:
+                logger.warning("%s: %s is %d x %d pixels, over Pillow's decompression-bomb warning limit "
+                               "of %s pixels; decoding it anyway", where, what, img.width, img.height, f"{limit:,}")
             return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        raise DataError(f"{where}: cannot read image {path}: {e}") from None
+    except Image.DecompressionBombError as e:
+        size = _header_size(source)
+        pixels = f"{size[0]} x {size[1]} pixels" if size else f"too large ({e})"
+        raise DataError(
+            f"{where}: {what} is {pixels}, over the {2 * Image.MAX_IMAGE_PIXELS:,} pixels that Pillow decodes "
+            "(its decompression-bomb limit): resize the image (the model sees it at --patch-image-size "
+            "anyway) or leave the row out (--skip-bad-rows)") from None
+    except UnidentifiedImageError:  # Pillow's message names a BytesIO object or repeats the path
+        raise DataError(f"{failure}: not an image in a format Pillow reads") from None
+    except (OSError, ValueError) as e:
+        raise DataError(f"{failure}: {e}") from None
+
+
+def _header_size(source) -> Optional[Tuple[int, int]]:
+    """(width, height) from the header of an image that ``Image.open`` refuses as a decompression bomb.
+
+    Each Pillow format plugin reads the header only (the size check is ``Image.open``'s, not theirs);
+    the first that accepts the data gives the size. Only used to word the error; None if none reads it.
+    """
+    Image.init()
+    fh = open(source, "rb") if isinstance(source, (str, bytes, os.PathLike)) else source
+    try:
+        fh.seek(0)
+        prefix = fh.read(16)
+        for factory, accept in list(Image.OPEN.values()):
+            accepted = accept is None or accept(prefix)
+            if not accepted or isinstance(accepted, str):  # a str is Pillow's "looks like X, but..." note
+                continue
+            fh.seek(0)
+            try:
+                return tuple(factory(fh).size)
+            except Exception:  # noqa: BLE001 -- any plugin failure: try the next one
+                continue
+        return None
+    finally:
+        if fh is not source:
+            fh.close()
 
 
 class _Reader:

@@ -13,14 +13,16 @@ and a warning says so. A checkpoint holding them for a model without them is sti
 import logging
 import re
 
+from mue.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 DERIVED = re.compile(r"(^|\.)(version|token_rp_bucket|image_rp_bucket|image_position_idx)$")
 OPTIONAL_PREFIXES = ("decoder.exit_heads.",)
 
 
-class CheckpointMismatchError(ValueError):
-    """The checkpoint does not fit the model; the message lists every offending name."""
+class CheckpointMismatchError(UserError, ValueError):
+    """The checkpoint does not fit the model; the message lists every offending name (several lines)."""
 
 
 def check_and_clean_state_dict(model, state_dict, strict=True):
