@@ -5,12 +5,19 @@
 Every patch replaces one module attribute and keeps the replaced object in `ORIGINALS`
 (key "module.attribute"); the replacement carries it as `_mue_original` too.
 
-Patches (see docs TOOLCHAIN.md, "Known breakages"):
+Patches (each with a test in tests/test_compat.py or tests/test_errors.py that fails without it;
+see docs/PATCHES.md):
 1. `allow_fairseq_checkpoint_globals`: torch >= 2.6 loads with weights_only=True, and fairseq
    checkpoints pickle argparse/omegaconf objects. Plus `load_legacy_checkpoint` /
    `trusted_pickle_loading` for trusted old pickles (official OFA checkpoints).
 2. `keep_last_partial_batch`: fairseq drops the last batch when --required-batch-size-multiple > 1.
 3. `cpu_safe_ddp`, `cpu_safe_torchrun`: pytorch_ddp and torchrun on CPU (gloo).
+4. `quiet_root_logger`: `import fairseq` sets the root logger to DEBUG.
+5. `one_line_user_errors`: a `sys.excepthook` that prints an uncaught `mue.errors.UserError` (bad data,
+   bad option value, checkpoint that does not fit) as one `error: <message>` line instead of a traceback,
+   also when torch re-raises it from a DataLoader worker or a spawned worker; MUE_DEBUG=1 keeps the
+   traceback.
+6. `task_options_in_help`: fairseq's `--help` omits the options of the chosen task, model and criterion.
 
 Distributed training on the CPU, what works after these patches:
 - torchrun --nproc-per-node N fairseq-train ... --cpu --distributed-world-size N
@@ -29,10 +36,13 @@ import contextlib
 import logging
 import os
 import pathlib
+import sys
 import typing
 
 import numpy as np
 import torch
+
+from mue.errors import user_message
 
 logger = logging.getLogger(__name__)
 
@@ -272,6 +282,11 @@ def cpu_safe_torchrun() -> None:
     _replace(distributed_utils, "infer_init_method", _infer_init_method_guarded)
 
 
+# --------------------------------------------------------------------------------------------
+# 4. the root logger
+# --------------------------------------------------------------------------------------------
+
+
 def quiet_root_logger() -> None:
     """`import fairseq` sets the root logger to DEBUG (a `logging.basicConfig(level=DEBUG)` in
     fairseq/models/wav2vec/wav2vec2_classification.py runs at import), so any process that imports
@@ -284,6 +299,76 @@ def quiet_root_logger() -> None:
         root.setLevel(wanted)
 
 
+# --------------------------------------------------------------------------------------------
+# 5. one-line user errors
+# --------------------------------------------------------------------------------------------
+
+
+def _excepthook(exc_type, exc, tb):
+    """sys.excepthook: an uncaught UserError as `error: <message>` on stderr, anything else unchanged."""
+    debug = os.environ.get("MUE_DEBUG", "") not in ("", "0")
+    message = None if debug else user_message(exc)
+    if message is None:
+        return ORIGINALS["sys.excepthook"](exc_type, exc, tb)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
+def one_line_user_errors() -> None:
+    """Show bad data / bad options / unfitting checkpoints as one line, not a traceback.
+
+    Breaks: fairseq's CLIs (`fairseq-train`, `fairseq-generate`) catch nothing, so a DataError that
+    already names file:line reaches the user under a 30-line traceback, which reads like a crash of
+    the program rather than a fault in the data. torch hides the error further: a DataLoader worker
+    (fairseq-generate's default --num-workers 1) re-raises it with the worker's traceback inside the
+    message, and torch.multiprocessing.spawn (fairseq's multi-GPU workers) raises a
+    ProcessRaisedException holding the child's traceback as text; fairseq's Trainer.load_checkpoint
+    (--restore-file, --finetune-from-model) re-raises a checkpoint mismatch as a bare Exception.
+    Fix: wrap `sys.excepthook`. For a `mue.errors.UserError`, also one found inside such a wrapper
+    (`mue.errors.user_message`), print `error: <message>` to stderr; Python still exits with status 1.
+    Any other exception, or any exception when MUE_DEBUG=1 (any value but 0) is set, goes to the
+    previous hook: the usual traceback. Under torchrun every worker runs the CLI itself, so the hook
+    covers each of them.
+    """
+    _replace(sys, "excepthook", _excepthook)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. --help with the task's options
+# --------------------------------------------------------------------------------------------
+
+HELP_FLAGS = ("-h", "--help")
+
+
+def _parse_args_and_arch_with_full_help(parser, input_args=None, parse_known=False, suppress_defaults=False,
+                                        modify_parser=None):
+    """fairseq's parse_args_and_arch; with -h/--help, the help is printed after the task's, model's and
+    criterion's options were added, so it lists them (mue's exit knobs among them)."""
+    original = ORIGINALS["fairseq.options.parse_args_and_arch"]
+    argv = sys.argv[1:] if input_args is None else list(input_args)
+    if suppress_defaults or not any(flag in argv for flag in HELP_FLAGS):
+        return original(parser, input_args, parse_known, suppress_defaults, modify_parser)
+    rest = [a for a in argv if a not in HELP_FLAGS]
+    # a stand-in for the data directory, which the task makes a required positional argument
+    original(parser, rest + ["DATA"], True, False, modify_parser)
+    parser.print_help()
+    parser.exit()
+
+
+def task_options_in_help() -> None:
+    """`fairseq-generate --task mue_caption --help` lists the task's options.
+
+    Breaks: fairseq adds the options of the chosen task, model and criterion to its parser only after
+    a first parse, and argparse answers -h/--help during that first parse, so the help of every
+    fairseq CLI lacks them: a user cannot find --img-thres, --dec-decay-len or --eval-results there.
+    Fix: wrap `fairseq.options.parse_args_and_arch`; when -h/--help is given, run it without the flag
+    (and with a stand-in data directory) so that it adds every option, then print the help and exit 0.
+    Without -h/--help the original runs unchanged.
+    """
+    from fairseq import options
+
+    _replace(options, "parse_args_and_arch", _parse_args_and_arch_with_full_help)
+
+
 def apply() -> None:
     """Install every patch once; later calls do nothing."""
     global _APPLIED
@@ -294,4 +379,6 @@ def apply() -> None:
     cpu_safe_ddp()
     cpu_safe_torchrun()
     quiet_root_logger()
+    one_line_user_errors()
+    task_options_in_help()
     _APPLIED = True

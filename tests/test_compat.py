@@ -1,5 +1,11 @@
-"""Each mue.compat patch fixes the failure it documents; the originals still show that failure."""
+"""Each mue.compat patch fixes the failure it documents; the originals still show that failure.
+
+The one-line user errors (patch 5) are tested in tests/test_errors.py.
+"""
+import os
 import pickle
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -198,20 +204,36 @@ def test_torchrun_without_world_size_is_a_clear_error(monkeypatch):
     assert cfg.distributed_init_method is None
 
 
+# ---------------------------------------------------------------- --help
+
+
+def test_help_lists_the_tasks_options(tmp_path, capsys):
+    """fairseq answers --help before it adds the task's options; the patch prints it after."""
+    from fairseq import options
+
+    argv = ["--task", "mue_caption", "--help"]
+    original = compat.ORIGINALS["fairseq.options.parse_args_and_arch"]
+    for parse, has_task_options in ((original, False), (options.parse_args_and_arch, True)):
+        with pytest.raises(SystemExit) as done:
+            parse(options.get_generation_parser(), argv)
+        assert done.value.code == 0
+        assert ("--img-thres" in capsys.readouterr().out) == has_task_options
+
+
 # ---------------------------------------------------------------- apply()
 
 
 def test_apply_twice_is_harmless():
     patched = {key: obj for key, obj in compat.ORIGINALS.items()}
     current = (data_utils.batch_by_size, distributed_utils.infer_init_method,
-               distributed_utils._infer_torch_distributed_launch_init)
+               distributed_utils._infer_torch_distributed_launch_init, sys.excepthook)
     n_globals = len(torch.serialization.get_safe_globals())
     compat.apply()
     compat._APPLIED = False  # force every patch function to run again
     compat.apply()
-    assert compat.ORIGINALS == patched and len(patched) == 4
+    assert compat.ORIGINALS == patched and len(patched) == 6
     assert (data_utils.batch_by_size, distributed_utils.infer_init_method,
-            distributed_utils._infer_torch_distributed_launch_init) == current
+            distributed_utils._infer_torch_distributed_launch_init, sys.excepthook) == current
     assert len(torch.serialization.get_safe_globals()) == n_globals
     for key, original in compat.ORIGINALS.items():
         assert getattr(original, "_mue_original", None) is None, f"{key} wrapped twice"
@@ -241,3 +263,13 @@ def test_quiet_root_logger_undoes_fairseqs_debug_root(monkeypatch):
         assert root.level == logging.WARNING
     finally:
         root.setLevel(old)
+
+
+def test_import_fairseq_leaves_a_debug_root_logger_that_import_mue_puts_back():
+    """The upstream behaviour (needs a fresh process: basicConfig acts only on a root without handlers)."""
+    code = ("import logging; import fairseq; before = logging.getLogger().level; import mue; "
+            "print(before, logging.getLogger().level)")
+    env = {k: v for k, v in os.environ.items() if k != "LOGLEVEL"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["10", "20"]  # DEBUG after `import fairseq`, INFO after `import mue`
