@@ -37,8 +37,9 @@ import mue  # noqa: F401  (registers the model with fairseq, applies compat patc
 from fairseq.sequence_generator import SequenceGenerator
 from mue.data.tokenizer import Tokenizer
 from mue.exiting.accounting import account, model_sizes, new_stats
-from mue.exiting.trace import ExitTrace
-from mue.generation.generator import MueSequenceGenerator, make_settings
+from mue.exiting.config import exit_config
+from mue.exiting.session import exit_session
+from mue.generation.generator import MueSequenceGenerator
 from mue.models import build_arch
 
 ARCHS = {"micro": "mue_ofa_micro", "base": "mue_ofa_base"}
@@ -213,19 +214,17 @@ def snli_candidates(bsz, dictionary, tokenizer):
 class CaptionRunner:
     """Beam search (beam 5, max_len_b 16) with or without the exit machinery."""
 
-    def __init__(self, model, dictionary, exit_kwargs, beam, max_len_b):
+    def __init__(self, model, dictionary, exits, beam, max_len_b):
         common = dict(beam_size=beam, max_len_b=max_len_b)
-        if exit_kwargs is None:
+        if exits is None:
             self.generator = SequenceGenerator([model], dictionary, **common)
         else:
-            self.generator = MueSequenceGenerator([model], dictionary, exit_kwargs=exit_kwargs, **common)
+            self.generator = MueSequenceGenerator([model], dictionary, exit_config=exits, **common)
         self.model = model
 
     def __call__(self, sample):
         if isinstance(self.generator, MueSequenceGenerator):
             self.generator.reset_stats()
-        else:
-            self.model.set_exit_settings(None)
         self.generator.generate([self.model], sample)
         return getattr(self.generator, "stats", None)
 
@@ -233,27 +232,25 @@ class CaptionRunner:
 class SnliRunner:
     """One encoder pass, then the teacher-forced decoder over [bos, answer] for the 3 candidates."""
 
-    def __init__(self, model, dictionary, exit_kwargs, candidates):
-        self.model, self.exit_kwargs, self.candidates = model, exit_kwargs, candidates
+    def __init__(self, model, dictionary, exits, candidates):
+        self.model, self.exits, self.candidates = model, exits, candidates
         self.sizes = model_sizes(model)
 
     def __call__(self, sample):
+        if self.exits is None:
+            self._score(sample)
+            return None
+        with exit_session(self.model, self.exits) as settings:
+            self._score(sample)
+        return account(new_stats(self.model), settings.trace, self.sizes)
+
+    def _score(self, sample):
         net = sample["net_input"]
-        trace = stats = None
-        if self.exit_kwargs is not None:
-            trace = ExitTrace()
-            self.model.set_exit_settings(make_settings(**self.exit_kwargs, max_len=2, trace=trace))
-        try:
-            encoder_out = self.model.encoder(net["src_tokens"], net["src_lengths"], net["patch_images"], net["patch_masks"])
-            rows = torch.arange(net["src_tokens"].size(0), device=self.candidates.device)
-            rows = rows.repeat_interleave(len(SNLI_ANSWERS))
-            encoder_out = self.model.encoder.reorder_encoder_out(encoder_out, rows)
-            self.model.decoder(self.candidates, encoder_out=encoder_out)
-        finally:
-            self.model.set_exit_settings(None)
-        if trace is not None:
-            stats = account(new_stats(self.model), trace, self.sizes)
-        return stats
+        encoder_out = self.model.encoder(net["src_tokens"], net["src_lengths"], net["patch_images"], net["patch_masks"])
+        rows = torch.arange(net["src_tokens"].size(0), device=self.candidates.device)
+        rows = rows.repeat_interleave(len(SNLI_ANSWERS))
+        encoder_out = self.model.encoder.reorder_encoder_out(encoder_out, rows)
+        self.model.decoder(self.candidates, encoder_out=encoder_out)
 
 
 def time_configs(runners, sample, repeats, sync=lambda: None):
@@ -283,7 +280,7 @@ def bench_one(model, size, task, bsz, args, tokenizer):
     sample = make_sample(task, bsz, args.image_size[size], dictionary, tokenizer, args.seed + bsz,
                          args.device, DTYPES[args.dtype])
     thres = {"img_thres": args.img_thres[size], "txt_thres": args.txt_thres[size], "dec_thres": args.dec_thres[size]}
-    kwargs = {"full": None, "bookkeeping": dict(NEVER), "mue": thres}
+    kwargs = {"full": None, "bookkeeping": exit_config(**NEVER), "mue": exit_config(**thres)}
     if task == "caption":
         runners = {c: CaptionRunner(model, dictionary, kwargs[c], args.beam, args.max_len_b) for c in CONFIGS}
     else:

@@ -12,7 +12,6 @@ with tied layers computes. Padded/absent positions may differ from a stream-wise
 out of the cross-attention, so logits do not depend on them.
 """
 import math
-from contextlib import contextmanager
 from typing import Dict
 
 import torch
@@ -246,11 +245,9 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model
 
 
-@contextmanager
 def exits(model, settings):
-    """`with exits(model, ExitSettings(...)):` attaches exit settings for the block, then detaches them."""
-    model.set_exit_settings(settings)
-    try:
-        yield settings
-    finally:
-        model.set_exit_settings(None)
+    """`with exits(model, ExitSettings(...)) as settings:` the model exits under `settings` for the block
+    (mue.exiting.session.exit_session; `settings.trace` records what ran)."""
+    from mue.exiting.session import exit_session
+
+    return exit_session(model, settings)

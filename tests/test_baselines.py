@@ -13,16 +13,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mue.errors import OptionError
 from mue.exiting.accounting import account, arch_sizes, model_sizes, new_stats
 from mue.exiting.baselines import (CosineDecoderExit, EntropyDecoderExit, ImitationDecoderExit, ImitationHeads,
                                    PatienceDecoderExit, attach_imitation_heads, make_decoder_rule,
                                    prediction_entropy)
+from mue.exiting.config import exit_config
 from mue.exiting.flops import imitation_head_flops, output_projection_flops
-from mue.exiting.schedule import ThresholdSchedule
 from mue.exiting.settings import ExitSettings
 from mue.exiting.stats import ExitStats
 from mue.exiting.trace import ExitTrace
-from mue.generation.generator import make_settings
 from mue.models import build_arch
 from mue.models.state_dict import CheckpointMismatchError
 from ofa_reference import exits, randomize_, tiny_dictionary
@@ -96,31 +96,32 @@ def test_imitation_rule_replaces_only_stopping_rows():
     ({"exit_policy": "margin"}, "--exit-policy must be one of"),
 ])
 def test_bad_knobs_are_clear_errors(kwargs, message):
-    with pytest.raises(ValueError, match=message):
-        make_decoder_rule(**kwargs)
+    with pytest.raises(OptionError, match=message):
+        exit_config(**kwargs)
 
 
 def test_dec_thres_is_the_cosine_knob_only():
     with pytest.raises(ValueError, match="--dec-thres < 1 is the cosine rule's knob.*--exit-entropy"):
-        make_settings(dec_thres=0.9, exit_policy="entropy", exit_entropy=1.0)
-    assert isinstance(make_settings(dec_thres=0.9).dec_rule, CosineDecoderExit)
+        ExitSettings.from_config(exit_config(dec_thres=0.9, exit_policy="entropy", exit_entropy=1.0))
+    assert isinstance(ExitSettings.from_config(exit_config(dec_thres=0.9)).dec_rule, CosineDecoderExit)
     settings = ExitSettings()
     assert settings.dec_rule.policy is settings.policy
 
 
 def test_task_options_are_validated():
-    from mue.tasks.vl_task import exits_requested, validate_exit_options
+    from mue.exiting.config import exits_requested
+    from mue.tasks.vl_task import validate_task_options
 
     cfg = SimpleNamespace(img_thres=1.0, txt_thres=1.0, dec_thres=1.0, dec_decay_beta=0.95, dec_decay_tau=1.0,
                           exit_policy="patience", exit_entropy=0.0, exit_patience=2, imitation_hidden=0,
                           reference_arch=None)
-    validate_exit_options(cfg)
+    validate_task_options(cfg)
     assert exits_requested(cfg)
     for change, message in (({"exit_entropy": 1.0}, "--exit-entropy is the knob"),
                             ({"dec_thres": 0.9}, "--dec-thres < 1 is the cosine rule's knob.*--exit-patience"),
                             ({"reference_arch": "mue_ofa_huge"}, "--reference-arch 'mue_ofa_huge'")):
-        with pytest.raises(ValueError, match=message):
-            validate_exit_options(SimpleNamespace(**{**vars(cfg), **change}))
+        with pytest.raises(OptionError, match=message):
+            validate_task_options(SimpleNamespace(**{**vars(cfg), **change}))
 
 
 # ---- the rules inside the decoder --------------------------------------------------------------------------
@@ -186,13 +187,13 @@ def _layer_entropies(model, prev, enc, heads=None):
 def _rule_settings(kind, model, prev, enc, kv_policy="copy"):
     """Settings whose knob gives mixed exits on this model (entropy bounds from its own entropies)."""
     if kind == "cosine":
-        return ExitSettings(dec_schedule=ThresholdSchedule.constant(0.85), kv_policy=kv_policy, trace=ExitTrace())
+        return ExitSettings(exit_config(dec_thres=0.85, kv_policy=kv_policy), trace=ExitTrace())
     if kind == "patience":
-        return ExitSettings(dec_rule=PatienceDecoderExit(1), kv_policy=kv_policy, trace=ExitTrace())
+        return ExitSettings(exit_config(kv_policy=kv_policy), ExitTrace(), dec_rule=PatienceDecoderExit(1))
     heads = model.decoder.exit_heads if kind == "imitation" else None
     bound = float(_layer_entropies(model, prev, enc, heads).quantile(0.3))
     rule = EntropyDecoderExit(bound) if kind == "entropy" else ImitationDecoderExit(bound)
-    return ExitSettings(dec_rule=rule, kv_policy=kv_policy, trace=ExitTrace())
+    return ExitSettings(exit_config(kv_policy=kv_policy), ExitTrace(), dec_rule=rule)
 
 
 def _patience_model(model):
@@ -253,7 +254,7 @@ def test_patience_exits_where_predictions_first_agree(model):
     agree = preds[1:] == preds[:-1]  # agree[i]: layer i+2 predicts as layer i+1
     expected = agree.float().argmax(0) + 2  # first agreement (there is one by layer 3)
     assert (expected <= 3).all()
-    with exits(net, ExitSettings(dec_rule=PatienceDecoderExit(1), trace=ExitTrace())) as settings:
+    with exits(net, ExitSettings(trace=ExitTrace(), dec_rule=PatienceDecoderExit(1))) as settings:
         _cached(net, prev, enc)
     assert torch.equal(_depths(settings.trace)[:, 0], expected[0])  # position 0 depends on nothing earlier
 
@@ -266,7 +267,7 @@ def test_exits_follow_the_knob(model, kind):
     means = []
     for knob in knobs:
         rule = EntropyDecoderExit(knob) if kind == "entropy" else PatienceDecoderExit(knob)
-        with exits(model, ExitSettings(dec_rule=rule, trace=ExitTrace())) as settings:
+        with exits(model, ExitSettings(trace=ExitTrace(), dec_rule=rule)) as settings:
             _cached(model, prev, enc)
         means.append(_depths(settings.trace).float().mean().item())
     assert means[0] == LAYERS  # the "never" setting runs every layer
@@ -373,10 +374,6 @@ def test_reference_layers_in_eq14():
     summary = stats.summary()
     assert summary["expected_time_reduction"] == pytest.approx(0.5)
     assert summary["reference_layers"] == [6, 6]
-    assert ExitStats(3, 3).merge(ExitStats(3, 3)) is not None
-    with pytest.raises(ValueError, match="configs differ"):
-        ExitStats(3, 3).merge(stats)
-    assert ExitStats.from_dict(stats.to_dict()).summary()["expected_time_reduction"] == pytest.approx(0.5)
     assert stats.sums()["dec_full_sum"] == 3 * 6
     with pytest.raises(ValueError, match="reference_layers must be"):
         ExitStats(3, 3, reference_layers=(2, 6))

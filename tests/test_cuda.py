@@ -43,7 +43,7 @@ def models(model_and_dict):
 
 
 def generate(model, d, sample, exits=EXITS, beam=3):
-    gen = MueSequenceGenerator([model], d, exit_kwargs=exits, beam_size=beam, max_len_b=8)
+    gen = MueSequenceGenerator([model], d, exit_config=exits, beam_size=beam, max_len_b=8)
     with torch.no_grad():
         out = gen.generate([model], sample)
     return [h[0]["tokens"].tolist() for h in out], [float(h[0]["score"]) for h in out], gen.stats.summary()

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mue.exiting.schedule import ThresholdSchedule
+from mue.exiting.config import exit_config
 from mue.exiting.settings import ExitSettings
 from mue.exiting.trace import ExitTrace
 from mue.models import build_arch
@@ -69,7 +69,7 @@ def _trace_depths(trace):
 
 
 def _dec_settings(kv_policy="copy", theta=DEC_THETA, **kw):
-    return ExitSettings(dec_schedule=ThresholdSchedule.constant(theta), kv_policy=kv_policy, trace=ExitTrace(), **kw)
+    return ExitSettings(exit_config(dec_thres=theta, kv_policy=kv_policy, **kw), trace=ExitTrace())
 
 
 def _identity_(layer):
@@ -88,7 +88,7 @@ def test_thresholds_of_one_are_bit_identical(mode):
     src, images, masks, prev = _batch()
     enc = _encode(model, src, images, masks)
     plain, cached = _parallel(model, prev, enc)[0], _cached(model, prev, enc)
-    for settings in (ExitSettings(), ExitSettings(1.0, 1.0, ThresholdSchedule.constant(1.0), "drop", trace=ExitTrace())):
+    for settings in (ExitSettings(), ExitSettings(exit_config(kv_policy="drop"), trace=ExitTrace())):
         with exits(model, settings):
             enc_s = _encode(model, src, images, masks)
             assert torch.equal(enc_s["encoder_out"][0], enc["encoder_out"][0])
@@ -244,7 +244,7 @@ def test_identity_encoder_layer_is_where_streams_exit(mode):
     short = copy.deepcopy(model)
     short.encoder.layers = short.encoder.layers[:1]
     trace = ExitTrace()
-    with exits(model, ExitSettings(img_thres=0.95, txt_thres=0.95, trace=trace)):
+    with exits(model, ExitSettings(exit_config(img_thres=0.95, txt_thres=0.95), trace=trace)):
         out = _encode(model, src, images, masks)
     assert out["exit_depths"][0].tolist() == [[2, 2], [2, 2], [2, 2], [0, 2]]
     assert trace.encoder[0].text_depths.tolist() == [2, 2, 2, 2]

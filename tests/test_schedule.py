@@ -55,8 +55,10 @@ def test_decay_below_one_stays_below_one():
     assert all(s(t) < 1.0 for t in range(10))
 
 
-def test_from_args_matches_constructor():
-    a = ThresholdSchedule.from_args("decay", "0.99", 0.95, 1.0, 16)
+def test_from_config_matches_constructor():
+    from mue.exiting.config import exit_config
+
+    a = ThresholdSchedule.from_config(exit_config(dec_schedule="decay", dec_thres="0.99", dec_decay_len=16))
     b = ThresholdSchedule.decay(0.99, 0.95, 1.0, 16)
     assert [a(t) for t in range(17)] == [b(t) for t in range(17)]
 
@@ -66,9 +68,9 @@ def test_from_args_matches_constructor():
     (dict(kind="decay", theta=0.9, beta=1.5, max_len=5), "beta must be in"),
     (dict(kind="decay", theta=0.9, beta=-0.1, max_len=5), "beta must be in"),
     (dict(kind="decay", theta=0.9, tau=-1.0, max_len=5), "tau must be"),
-    (dict(kind="decay", theta=0.9, max_len=None), "needs an integer max_len"),
-    (dict(kind="reference", theta=0.9, max_len=0), "needs an integer max_len"),
-    (dict(kind="decay", theta=0.9, max_len=2.5), "needs an integer max_len"),
+    (dict(kind="decay", theta=0.9, max_len=None), "needs N, the number of steps"),
+    (dict(kind="reference", theta=0.9, max_len=0), r"max_len \(N\) must be an integer >= 1"),
+    (dict(kind="decay", theta=0.9, max_len=2.5), r"max_len \(N\) must be an integer >= 1"),
     (dict(kind="constant", theta="abc"), r"theta must be a number in \[-1, inf\)"),
     (dict(kind="constant", theta=-2), r"theta must be a number"),
 ])

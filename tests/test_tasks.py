@@ -246,6 +246,16 @@ def test_make_generator_without_exit_aware_generator(data, monkeypatch):
         exiting.build_generator([model], gen_args)
 
 
+def test_caption_validation_generates_with_the_model_it_is_given(data):
+    """fairseq may validate another model than the one the task built (a wrapped copy, EMA weights): the
+    --eval-cider generator must be the given model's, not a generator built once for the first model."""
+    task, cfg = make_task(data / "caption", "mue_caption", "--eval-cider")
+    first, second = task.build_model(cfg.model), task.build_model(cfg.model)
+    assert task.validation_generator(first).model.models[0] is first
+    assert task.validation_generator(second).model.models[0] is second
+    assert task.validation_generator(second) is task.validation_generator(second)  # built once per model
+
+
 # ---- end to end: fairseq-train (few updates + validation) and fairseq-generate in-process --------
 
 
@@ -277,8 +287,11 @@ def train_and_generate(data_dir, task, save_dir, caplog, extra_train=(), extra_g
 
 
 def test_end_to_end_snli_ve(data, tmp_path, caplog, one_thread):
-    stats, results = train_and_generate(data / "snli_ve", "mue_snli_ve", tmp_path, caplog)
+    # validation scores the answers with the configured exits (thresholds 0 stop every stream early)
+    stats, results = train_and_generate(data / "snli_ve", "mue_snli_ve", tmp_path, caplog,
+                                        extra_train=["--img-thres", "0", "--txt-thres", "0", "--dec-thres", "0"])
     assert int(stats["valid_eval_examples"]) == 15  # every validation example, with 15 % 2 != 0
+    assert float(stats["valid_mue_time_reduction"]) > 0.4 and float(stats["valid_mue_flops_reduction"]) > 0
     assert 0.0 <= float(stats["valid_snli_score"]) <= 100.0
     assert results["n_examples"] == results["split_size"] == 15
     assert len({r["uniq_id"] for r in results["predictions"]}) == 15
@@ -295,8 +308,12 @@ def test_end_to_end_snli_ve(data, tmp_path, caplog, one_thread):
 def test_end_to_end_caption(data, tmp_path, caplog, one_thread):
     stats, results = train_and_generate(
         data / "caption", "mue_caption", tmp_path, caplog,
-        extra_train=["--eval-cider", "--eval-args", '{"beam": 2, "max_len_b": 5}'])
+        extra_train=["--eval-cider", "--eval-args", '{"beam": 2, "max_len_b": 5}'],
+        extra_gen=["--dec-schedule", "decay", "--dec-decay-len", "7"])
     assert int(stats["valid_eval_examples"]) == 5
+    assert float(stats["valid_mue_time_reduction"]) == 0.0  # the exit summary beside the scores; no exits
+    # the record holds every exit knob, the schedule's N included
+    assert results["thresholds"]["dec_schedule"] == "decay" and results["thresholds"]["dec_decay_len"] == 7
     assert 0.0 <= float(stats["valid_cider"]) and 0.0 <= float(stats["valid_bleu4"]) <= 100.0
     assert len(results["predictions"]) == 5 and all(len(r["refs"]) == 5 for r in results["predictions"])
     assert results["n_examples"] == results["split_size"] == 5 and results["task"] == "caption"

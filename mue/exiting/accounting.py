@@ -90,16 +90,13 @@ def account(stats: ExitStats, trace: ExitTrace, sizes: dict, reference_sizes: Op
                                     rn_enc * encoder_layer_flops(p, p, rd, ref["enc_ffn"]))
                 stats.add_flops("encoder_text", text_depths[i] * encoder_layer_flops(s, s, d, sizes["enc_ffn"]),
                                 rn_enc * encoder_layer_flops(s, s, rd, ref["enc_ffn"]))
-    n_dec, rn_dec = sizes["n_dec"], ref["n_dec"]
+    rn_dec = ref["n_dec"]
     out_proj, ref_out_proj = output_projection_flops(d, sizes["vocab"]), output_projection_flops(rd, ref["vocab"])
     head = imitation_head_flops(d, sizes["imitation_hidden"]) if sizes.get("imitation_hidden") else 0
     for rec in trace.decoder:
         stats.add_decoder(rec.depths)
         depths, n_src = rec.depths.tolist(), [int(n) for n in rec.n_src.tolist()]
         rows = len(depths)
-        if rec.n_past == 1:  # cross-attention keys/values: once per sequence, every layer
-            stats.add_flops("cross_kv", sum(cross_kv_flops(n, d) for n in n_src) * n_dec,
-                            sum(cross_kv_flops(n, rd) for n in n_src) * rn_dec)
         spent = full = 0
         for depth, n in zip(depths, n_src):
             spent += depth * decoder_layer_flops_step(d, sizes["dec_ffn"], rec.n_past, n)
@@ -111,5 +108,9 @@ def account(stats: ExitStats, trace: ExitTrace, sizes: dict, reference_sizes: Op
             raise ValueError("account: the trace records imitation-head calls but `sizes` has no imitation_hidden "
                              "(read the sizes off the model with its exit heads: model_sizes(model))")
         stats.add_flops("exit_classifier", rec.exit_projections * out_proj + rec.exit_head_calls * head, 0)
+    for rec in trace.cross_kv:  # cross-attention keys/values, per row and layer that computed them
+        pairs = list(zip(rec.n_src.tolist(), rec.layers.tolist()))
+        stats.add_flops("cross_kv", sum(cross_kv_flops(n, d) * layers for n, layers in pairs),
+                        sum(cross_kv_flops(n, rd) * rn_dec for n, _ in pairs))
     trace.clear()
     return stats

@@ -24,45 +24,18 @@ The entropy, patience and imitation rules project every decided row onto the voc
 imitation rule runs its network first): that cost is real and is counted (``exit_classifier`` FLOPs).
 The schedules (--dec-schedule) shape the cosine threshold only.
 """
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .policy import NEVER_EXIT, CosineExitPolicy
+from .config import EXIT_POLICIES, never_exits, validate_choice, validate_exit_entropy, validate_exit_patience
+from .policy import CosineExitPolicy
 
 __all__ = ["EXIT_POLICIES", "DecoderExitRule", "CosineDecoderExit", "EntropyDecoderExit",
            "PatienceDecoderExit", "ImitationDecoderExit", "ImitationHeads", "make_decoder_rule",
            "prediction_entropy", "validate_exit_entropy", "validate_exit_patience", "attach_imitation_heads"]
-
-EXIT_POLICIES = ("cosine", "entropy", "patience", "imitation")
-
-
-def validate_exit_entropy(value, name: str = "--exit-entropy") -> float:
-    """An entropy bound in nats: a finite number >= 0 (0 never exits)."""
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number >= 0 (nats), got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be a finite number >= 0 (nats; 0 never exits), got {value!r}")
-    return number
-
-
-def validate_exit_patience(value, name: str = "--exit-patience") -> int:
-    """A count of consecutive unchanged predictions: an integer >= 0 (0 never exits)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-    try:
-        number = float(value)
-    except ValueError:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}") from None
-    if not math.isfinite(number) or number != int(number) or number < 0:
-        raise ValueError(f"{name} must be an integer >= 0 (0 never exits), got {value!r}")
-    return int(number)
-
 
 def prediction_entropy(logits: Tensor) -> Tensor:
     """Entropy in nats of softmax(logits) over the last axis (fp32 softmax)."""
@@ -108,8 +81,8 @@ class CosineDecoderExit(DecoderExitRule):
 
     def enabled(self, threshold) -> bool:
         if isinstance(threshold, Tensor):
-            return bool((threshold < NEVER_EXIT).any())
-        return float(threshold) < NEVER_EXIT
+            return not bool(never_exits(threshold.min()))
+        return not never_exits(threshold)
 
     def decide(self, idx, out, inputs, threshold, decoder, state, rows):
         return self.policy.should_exit(self.policy.similarity(out, inputs), threshold), out
@@ -200,14 +173,10 @@ class ImitationDecoderExit(DecoderExitRule):
 
 def make_decoder_rule(exit_policy: str = "cosine", exit_entropy: float = 0.0, exit_patience: int = 0,
                       cosine: Optional[CosineExitPolicy] = None) -> DecoderExitRule:
-    """The decoder rule of ``--exit-policy`` with its knob; a knob given to the wrong rule is an error."""
-    if exit_policy not in EXIT_POLICIES:
-        raise ValueError(f"--exit-policy must be one of {EXIT_POLICIES}, got {exit_policy!r}")
+    """The decoder rule of ``--exit-policy`` with its knob (the knobs are checked by
+    mue.exiting.config.check: a knob given to the wrong rule is an error there)."""
+    exit_policy = validate_choice(exit_policy, "--exit-policy", EXIT_POLICIES)
     entropy, patience = validate_exit_entropy(exit_entropy), validate_exit_patience(exit_patience)
-    if entropy > 0 and exit_policy not in ("entropy", "imitation"):
-        raise ValueError(f"--exit-entropy is the knob of --exit-policy entropy/imitation, not {exit_policy!r}")
-    if patience > 0 and exit_policy != "patience":
-        raise ValueError(f"--exit-patience is the knob of --exit-policy patience, not {exit_policy!r}")
     if exit_policy == "cosine":
         return CosineDecoderExit(cosine)
     if exit_policy == "entropy":

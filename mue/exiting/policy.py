@@ -16,50 +16,19 @@ tokens with very large norms: if the whole row were flattened into one vector
 the dot product and hide the behaviour of all others.
 
 Threshold semantics (``should_exit``): exit when ``sim > threshold``.
-  * threshold >= 1.0 never exits, even where the similarity rounds to 1.0, so
-    thresholds of 1.0 reproduce the full model exactly;
+  * a threshold >= NEVER_EXIT (1.0, mue.exiting.config) never exits, even where
+    the similarity rounds to 1.0, so such thresholds reproduce the full model exactly;
   * threshold -1.0 (the lowest accepted value) exits after the first layer unless
     the similarity is exactly -1 (cosine is always >= -1).
 """
-import math
 from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
+from .config import NEVER_EXIT, never_exits, validate_threshold  # noqa: F401  (validate_threshold: re-export)
+
 __all__ = ["CosineExitPolicy", "validate_threshold", "NEVER_EXIT"]
-
-#: the smallest threshold that disables exiting
-NEVER_EXIT = 1.0
-
-
-def validate_threshold(value, name: str = "threshold") -> float:
-    """Parse and check a threshold given as a number or a CLI string.
-
-    Accepts ints, floats and strings of numbers (``"0.9"``, ``"1"``, ``"inf"``).
-    ``inf`` is allowed and means "never exit", like any value >= 1.  Rejects NaN,
-    values below -1 (including ``-inf``), booleans and non-numeric strings with a
-    ``ValueError`` naming the option, e.g. ``--img-thres``.
-    """
-    message = f"{name} must be a number in [-1, inf), got {value!r}"
-    if isinstance(value, bool) or value is None:
-        raise ValueError(message)
-    if isinstance(value, Tensor):
-        if value.numel() != 1:
-            raise ValueError(message)
-        value = value.item()
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise ValueError(message) from None
-    elif isinstance(value, (int, float)):
-        number = float(value)
-    else:
-        raise ValueError(message)
-    if math.isnan(number) or number < -1.0:
-        raise ValueError(message)
-    return number
 
 
 class CosineExitPolicy:
@@ -139,7 +108,7 @@ class CosineExitPolicy:
         per row).  Rows whose threshold is >= 1 never exit.
         """
         if not isinstance(threshold, Tensor):
-            if float(threshold) >= NEVER_EXIT:
+            if never_exits(threshold):
                 return torch.zeros_like(sim, dtype=torch.bool)
             return sim > float(threshold)
         threshold = threshold.to(device=sim.device)

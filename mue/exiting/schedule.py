@@ -3,7 +3,8 @@
 Three kinds:
   * ``constant``:  ``Theta(t) = theta``.
   * ``decay`` (the paper's equation): ``Theta(t) = beta*theta + (1-beta)*exp(-tau*t/N)``,
-    t the 0-based step and N = ``max_len``.  Early tokens get a higher threshold
+    t the 0-based step and N = ``max_len`` (``--dec-decay-len``: a fixed setting, never derived
+    from a batch, so a row's thresholds do not depend on its batch mates).  Early tokens get a higher threshold
     (exit later, they condition everything that follows); later ones a lower one.
   * ``reference``: what the public MuE code does, kept for comparison: no exits
     for the first third of the output (``t < N/3`` returns ``NEVER_EXIT``), then
@@ -18,11 +19,10 @@ i.e. no exit at t = 0, which is what the equation says.
 import math
 from typing import Optional
 
-from .policy import NEVER_EXIT, validate_threshold
+from .config import (DEFAULT_DECAY_LEN, NEVER_EXIT, SCHEDULE_KINDS, never_exits, validate_choice, validate_count,
+                     validate_fraction, validate_rate, validate_threshold)
 
 __all__ = ["ThresholdSchedule", "SCHEDULE_KINDS"]
-
-SCHEDULE_KINDS = ("constant", "decay", "reference")
 
 
 class ThresholdSchedule:
@@ -45,32 +45,20 @@ class ThresholdSchedule:
         tau: float = 1.0,
         max_len: Optional[int] = None,
     ):
-        if kind not in SCHEDULE_KINDS:
-            raise ValueError(
-                f"ThresholdSchedule: kind must be one of {list(SCHEDULE_KINDS)}, got {kind!r}"
-            )
-        self.kind = kind
+        self.kind = validate_choice(kind, "ThresholdSchedule kind", SCHEDULE_KINDS)
         self.theta = validate_threshold(theta, "ThresholdSchedule theta")
-        beta, tau = float(beta), float(tau)
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"ThresholdSchedule: beta must be in [0, 1], got {beta!r}")
-        if not (tau >= 0.0 and math.isfinite(tau)):
-            raise ValueError(f"ThresholdSchedule: tau must be a finite number >= 0, got {tau!r}")
-        self.beta, self.tau = beta, tau
-        if kind != "constant" or max_len is not None:
-            if max_len is None or isinstance(max_len, bool) or int(max_len) != max_len or max_len < 1:
-                raise ValueError(
-                    f"ThresholdSchedule: kind {kind!r} needs an integer max_len >= 1, got {max_len!r}"
-                )
-            max_len = int(max_len)
-        self.max_len = max_len
+        self.beta = validate_fraction(beta, "ThresholdSchedule beta")
+        self.tau = validate_rate(tau, "ThresholdSchedule tau")
+        if kind != "constant" and max_len is None:
+            raise ValueError(f"ThresholdSchedule: kind {kind!r} needs N, the number of steps (max_len)")
+        self.max_len = None if max_len is None else validate_count(max_len, "ThresholdSchedule max_len (N)", 1)
 
     @classmethod
     def constant(cls, theta: float) -> "ThresholdSchedule":
         return cls("constant", theta)
 
     @classmethod
-    def decay(cls, theta: float, beta: float = 0.95, tau: float = 1.0, max_len: int = 20) -> "ThresholdSchedule":
+    def decay(cls, theta: float, beta: float = 0.95, tau: float = 1.0, max_len: int = DEFAULT_DECAY_LEN) -> "ThresholdSchedule":
         return cls("decay", theta, beta=beta, tau=tau, max_len=max_len)
 
     @classmethod
@@ -78,15 +66,14 @@ class ThresholdSchedule:
         return cls("reference", theta, max_len=max_len)
 
     @classmethod
-    def from_args(cls, kind: str, theta: float, beta: float = 0.95, tau: float = 1.0,
-                  max_len: Optional[int] = None) -> "ThresholdSchedule":
-        """Build from the task options (``--dec-schedule --dec-thres --dec-decay-beta
-        --dec-decay-tau`` and the generation length)."""
-        return cls(kind, theta, beta=beta, tau=tau, max_len=max_len)
+    def from_config(cls, config) -> "ThresholdSchedule":
+        """The decoder schedule of an ExitConfig (--dec-schedule, --dec-thres, --dec-decay-beta/-tau/-len)."""
+        return cls(config.dec_schedule, config.dec_thres, beta=config.dec_decay_beta, tau=config.dec_decay_tau,
+                   max_len=config.dec_decay_len)
 
     @property
     def never_exits(self) -> bool:
-        return self.theta >= NEVER_EXIT
+        return never_exits(self.theta)
 
     def __call__(self, step: int) -> float:
         if isinstance(step, bool) or int(step) != step or step < 0:

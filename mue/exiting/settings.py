@@ -1,37 +1,48 @@
-"""What a model needs at inference to exit early, in one object the task/generator attaches to it.
+"""What a model reads at inference to exit early: ExitSettings, the run-time form of an ExitConfig.
 
-Training never sets it (every layer runs). Thresholds >= 1 mean "never exit" and reproduce the
-full model exactly. ``dec_rule`` is the decoder's exit rule (mue.exiting.baselines: MuE's cosine by
-default, or a baseline); the encoder streams always use the cosine ``policy``.
+ExitConfig (mue.exiting.config) is what the user set; ExitSettings adds what a run needs: the decoder
+threshold schedule, the decoder's exit rule, the cosine policy of the encoder streams, and the trace
+that records what ran. Its constructor is the one place that turns a config into them. A model only
+sees settings inside `mue.exiting.session.exit_session`; training never sets them (every layer runs).
 """
-from dataclasses import dataclass, field
 from typing import Optional
 
 from .baselines import DecoderExitRule, make_decoder_rule
-from .policy import CosineExitPolicy, validate_threshold
+from .config import KV_POLICIES, NEVER_EXIT, exit_config  # noqa: F401  (KV_POLICIES: re-export)
+from .policy import CosineExitPolicy
 from .schedule import ThresholdSchedule
 from .trace import ExitTrace
 
-KV_POLICIES = ("copy", "recompute", "drop")
 
-
-@dataclass
 class ExitSettings:
-    img_thres: float = 1.0
-    txt_thres: float = 1.0
-    dec_schedule: Optional[ThresholdSchedule] = None  # None: the decoder never exits
-    kv_policy: str = "copy"
-    policy: CosineExitPolicy = field(default_factory=CosineExitPolicy)
-    trace: Optional[ExitTrace] = None
-    dec_rule: Optional[DecoderExitRule] = None  # None: cosine with `policy`
+    """``config``: an ExitConfig or anything `exit_config` reads (None: no exits); ``trace``: where the
+    model records what ran; ``dec_rule``: a ready decoder exit rule instead of the config's (tests and
+    baselines with hand-made rules)."""
 
-    def __post_init__(self):
-        if self.dec_rule is None:
-            self.dec_rule = make_decoder_rule("cosine", cosine=self.policy)
-        self.img_thres = validate_threshold(self.img_thres, "--img-thres")
-        self.txt_thres = validate_threshold(self.txt_thres, "--txt-thres")
-        if self.kv_policy not in KV_POLICIES:
-            raise ValueError(f"--kv-policy must be one of {KV_POLICIES}, got {self.kv_policy!r}")
+    def __init__(self, config=None, trace: Optional[ExitTrace] = None, dec_rule: Optional[DecoderExitRule] = None):
+        self.config = exit_config(config)
+        self.trace = trace
+        self.policy = CosineExitPolicy()
+        schedule = ThresholdSchedule.from_config(self.config)
+        self.dec_schedule = None if schedule.never_exits else schedule  # None: the cosine rule never exits
+        self.dec_rule = dec_rule if dec_rule is not None else make_decoder_rule(
+            self.config.exit_policy, self.config.exit_entropy, self.config.exit_patience, cosine=self.policy)
+
+    @classmethod
+    def from_config(cls, config, trace: Optional[ExitTrace] = None) -> "ExitSettings":
+        return cls(config, trace)
+
+    @property
+    def img_thres(self) -> float:
+        return self.config.img_thres
+
+    @property
+    def txt_thres(self) -> float:
+        return self.config.txt_thres
+
+    @property
+    def kv_policy(self) -> str:
+        return self.config.kv_policy
 
     @property
     def joint_thres(self) -> float:
@@ -40,4 +51,7 @@ class ExitSettings:
         return max(self.img_thres, self.txt_thres)
 
     def dec_threshold(self, step: int) -> float:
-        return 1.0 if self.dec_schedule is None else float(self.dec_schedule(step))
+        return NEVER_EXIT if self.dec_schedule is None else float(self.dec_schedule(step))
+
+    def __repr__(self):
+        return f"ExitSettings({self.config!r}, dec_rule={self.dec_rule!r})"

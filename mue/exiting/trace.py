@@ -27,17 +27,28 @@ class DecoderStepRecord:
 
 
 @dataclass
+class CrossKVRecord:
+    n_src: torch.Tensor  # [B] encoder positions of each decoder row
+    layers: torch.Tensor  # [B] decoder layers whose cross-attention keys/values were computed for the row
+
+
+@dataclass
 class ExitTrace:
     encoder: List[EncoderRecord] = field(default_factory=list)
     decoder: List[DecoderStepRecord] = field(default_factory=list)
+    cross_kv: List[CrossKVRecord] = field(default_factory=list)
 
     def clear(self):
         self.encoder.clear()
         self.decoder.clear()
+        self.cross_kv.clear()
 
     def add_encoder(self, image_depths, text_depths, image_tokens, text_tokens, joint: bool, image_hw=()):
         tensors = (t.detach().cpu() for t in (image_depths, text_depths, image_tokens, text_tokens))
         self.encoder.append(EncoderRecord(*tensors, joint, tuple(image_hw)))
+
+    def add_cross_kv(self, n_src, layers):
+        self.cross_kv.append(CrossKVRecord(n_src.detach().cpu(), layers.detach().cpu()))
 
     def add_decoder_step(self, depths, n_past: int, n_src, kv_filled: int, exit_projections: int = 0,
                          exit_head_calls: int = 0):

@@ -1,2 +1,2 @@
 """Exit-aware generation for fairseq-generate and the tasks' evaluation."""
-from .generator import MueSequenceGenerator, exit_settings_from_cfg  # noqa: F401
+from .generator import MueSequenceGenerator  # noqa: F401

@@ -1,18 +1,21 @@
 """OFA's decoder with per-row early exit.
 
-Teacher-forced (parallel) calls run every position through the layers; a position that exited keeps
-its hidden state, so later layers see keys/values computed from it (the `copy` semantics). Cached
-(incremental) calls decode one token per row: rows that exited are dropped from the later layers'
-batches, and the keys/values those layers need for the skipped position are handled by the KV
-policy: `copy` computes them from the exited state now, `recompute` computes the same values later
-and only if a later token reaches that layer, `drop` leaves a masked hole (the reference's choice,
-kept for comparison; positions stay aligned).
+Teacher-forced (parallel) calls run all positions at once. Without exits every position runs every
+layer (training); with exits a position that exits keeps its hidden state, so later layers see
+keys/values computed from it (the `copy` semantics), and later layers run only the positions still
+active (their queries are gathered), so the trace records what ran. Cached (incremental) calls decode
+one token per row: rows that exited are dropped from the later layers' batches, and the keys/values
+those layers need for the skipped position are handled by the KV policy: `copy` computes them from the
+exited state now, `recompute` computes the same values later and only if a later token reaches that
+layer, `drop` leaves a masked hole (the reference's choice, kept for comparison; positions stay aligned).
 """
 from typing import Any, Dict, List, Optional
 
 import torch
 from fairseq.models import FairseqIncrementalDecoder
 from torch import nn
+
+from mue.exiting.config import NEVER_EXIT
 
 from .layers import DecoderLayer
 from .positions import OFA_BUCKET_POSITIONS, attention_bias, token_bucket_table
@@ -25,7 +28,7 @@ class MueDecoder(FairseqIncrementalDecoder):
         self.heads, self.padding_idx = heads, dictionary.pad()
         self.pos_scaling = (dim / heads * cfg.attn_scale_factor) ** -0.5
         self.max_target_positions = cfg.max_target_positions
-        self.exit_settings = None  # set for inference by MueOFAModel.set_exit_settings
+        self.exit_settings = None  # set only inside MueOFAModel.exiting (mue.exiting.session.exit_session)
 
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(dim)
@@ -98,7 +101,9 @@ class MueDecoder(FairseqIncrementalDecoder):
         return self.forward(prev_output_tokens, encoder_out, incremental_state, features_only=True, **kwargs)
 
     def _parallel(self, tokens, encoder_out, forced_depths=None):
-        """All positions at once (training, scoring). Exits freeze a position's state."""
+        """All positions at once (training, scoring). With exits (settings attached, or `forced_depths`
+        [B, T]), a position that exits keeps its state, and later layers run only the positions still
+        active: their queries are gathered, so what the trace records is what ran."""
         bsz, length = tokens.shape
         settings = self.exit_settings
         positions = self._target_positions(length)
@@ -119,46 +124,78 @@ class MueDecoder(FairseqIncrementalDecoder):
         if settings is not None and forced_depths is None:
             thresholds = torch.tensor([settings.dec_threshold(t) for t in range(length)], device=x.device)
             thresholds = thresholds if rule.enabled(thresholds) else None
-        exiting = forced_depths is not None or thresholds is not None
-        active = torch.ones(bsz, length, dtype=torch.bool, device=x.device)
-        depths = torch.zeros(bsz, length, dtype=torch.long, device=x.device)
-        decided = torch.zeros(bsz, length, dtype=torch.long, device=x.device)  # exit decisions per position
+        if forced_depths is None and thresholds is None:  # every position runs every layer
+            for idx, layer in enumerate(self.layers):
+                k, v = layer.self_kv(x)
+                ck, cv = layer.cross_kv(enc)
+                x = layer(x, k, v, self._self_bias(idx, length, abs_bias, False)[None], blocked,
+                          ck, cv, cross_bias, cross_blocked)
+                inner_states.append(x.transpose(0, 1))
+            depths = torch.full((bsz, length), len(self.layers), dtype=torch.long, device=x.device)
+            self._record_parallel(settings, encoder_out, torch.ones_like(padding), depths)  # padding ran too
+            return x, {"attn": [None], "inner_states": inner_states, "exit_depths": depths}
+
+        thresholds = None if thresholds is None else thresholds.expand(bsz, length).flatten()
+        drop = settings is not None and settings.kv_policy == "drop"
         state = rule.new_state(bsz * length, x.device) if thresholds is not None else None
-        layer_blocked = blocked
+        active = ~padding  # padding positions are never read: they need no layer
+        depths = torch.zeros(bsz, length, dtype=torch.long, device=x.device)
+        decided = torch.zeros(length, dtype=torch.long, device=x.device)  # exit decisions per position
+        kv_filled = torch.zeros(length, dtype=torch.long, device=x.device)  # k/v of exited positions computed
+        cross_layers = torch.zeros(bsz, dtype=torch.long, device=x.device)  # layers whose cross k/v each row made
         for idx, layer in enumerate(self.layers):
-            if exiting and settings is not None and settings.kv_policy == "drop":
-                layer_blocked = blocked | ~active[:, None, None, :]
-            k, v = layer.self_kv(x)
-            ck, cv = layer.cross_kv(enc)
-            out = layer(x, k, v, self._self_bias(idx, length, abs_bias, False)[None], layer_blocked,
-                        ck, cv, cross_bias, cross_blocked)
-            depths += active.long()
-            if exiting and idx < len(self.layers) - 1:
-                out = torch.where(active[..., None], out, x)
-                if thresholds is not None:
-                    decided += active.long()
+            rows_q, pos_q = active.nonzero(as_tuple=True)  # the queries this layer runs, row-major
+            if rows_q.numel() == 0:
+                inner_states.append(x.transpose(0, 1))
+                continue
+            rows = active.any(1).nonzero().flatten()  # rows with a query: their keys/values are needed
+            slot = torch.zeros(bsz, dtype=torch.long, device=x.device).index_copy_(
+                0, rows, torch.arange(rows.numel(), device=x.device))[rows_q]
+            k, v = layer.self_kv(x[rows])
+            ck, cv = layer.cross_kv(enc[rows])
+            kv_filled += (~active & ~padding)[rows].sum(0)
+            cross_layers[rows] += 1
+            key_blocked = blocked | ~active[:, None, None, :] if drop else blocked
+            key_blocked = key_blocked.expand(bsz, 1, length, length)[rows_q, :, pos_q][:, :, None]
+            inputs = x[rows_q, pos_q][:, None]
+            out = layer(inputs, k[slot], v[slot], self._self_bias(idx, length, abs_bias, False)[:, pos_q].transpose(0, 1)[:, :, None],
+                        key_blocked, ck[slot], cv[slot], cross_bias[0][:, pos_q].transpose(0, 1)[:, :, None],
+                        cross_blocked[rows_q])
+            depths[rows_q, pos_q] += 1
+            if idx < len(self.layers) - 1:
+                flat = rows_q * length + pos_q
                 if forced_depths is not None:
-                    stop = forced_depths <= idx + 1
+                    stop = forced_depths[rows_q, pos_q] <= idx + 1
                     exited = rule.exit_state(idx, out, self) if rule is not None else out
                 else:
-                    flat = out.flatten(0, 1)[:, None]
-                    stop, exited = rule.decide(idx, flat, x.flatten(0, 1)[:, None], thresholds.expand(bsz, length).flatten(),
-                                               self, state, None)
-                    stop, exited = stop.view(bsz, length), (out if exited is flat else exited.view_as(out))
+                    stop, exited = rule.decide(idx, out, inputs, thresholds[flat], self, state, flat)
+                    decided += torch.bincount(pos_q, minlength=length)
                 if exited is not out:  # the rule replaces the state of rows that exit here
-                    out = torch.where((stop & active)[..., None], exited, out)
-                active = active & ~stop
-            elif exiting:
-                out = torch.where(active[..., None], out, x)
-            x = out
+                    out = torch.where(stop[:, None, None], exited, out)
+                active = active.clone()
+                active[rows_q[stop], pos_q[stop]] = False
+            x = x.index_put((rows_q, pos_q), out[:, 0])
             inner_states.append(x.transpose(0, 1))
-        if settings is not None and settings.trace is not None:
-            n_src = (~encoder_out["encoder_padding_mask"][0]).sum(1)
-            projected = decided.sum(0) if rule is not None and rule.projects else torch.zeros_like(decided[0])
-            heads = projected if rule is not None and rule.uses_heads else torch.zeros_like(projected)
-            for t in range(length):
-                settings.trace.add_decoder_step(depths[:, t], t + 1, n_src, 0, int(projected[t]), int(heads[t]))
+        projected = decided if rule is not None and rule.projects else torch.zeros_like(decided)
+        self._record_parallel(settings, encoder_out, ~padding, depths, kv_filled, projected,
+                              projected if rule is not None and rule.uses_heads else None, cross_layers)
         return x, {"attn": [None], "inner_states": inner_states, "exit_depths": depths}
+
+    def _record_parallel(self, settings, encoder_out, ran, depths, kv_filled=None, projected=None, heads=None,
+                         cross_layers=None):
+        """Trace a teacher-forced call as one decoder step per position, with the (row, position) pairs
+        that ran (``ran`` [B, T]: padding runs in the plain path, not in the exiting one)."""
+        if settings is None or settings.trace is None:
+            return
+        length = depths.size(1)
+        n_src = (~encoder_out["encoder_padding_mask"][0]).sum(1)
+        if cross_layers is None:
+            cross_layers = torch.full_like(n_src, len(self.layers))
+        settings.trace.add_cross_kv(n_src, cross_layers)
+        kv_filled, projected, heads = ([0] * length if t is None else t.tolist() for t in (kv_filled, projected, heads))
+        for t in range(length):
+            rows = ran[:, t]
+            settings.trace.add_decoder_step(depths[rows, t], t + 1, n_src[rows], kv_filled[t], projected[t], heads[t])
 
     def _step(self, tokens, encoder_out, incremental_state):
         """One new token per row, with per-row exits and the KV policy for skipped layers."""
@@ -172,11 +209,14 @@ class MueDecoder(FairseqIncrementalDecoder):
         if "ck0" not in cache:
             for idx, layer in enumerate(self.layers):
                 cache[f"ck{idx}"], cache[f"cv{idx}"] = layer.cross_kv(enc)
+            if settings is not None and settings.trace is not None:
+                n_src = (~enc_padding).sum(1)
+                settings.trace.add_cross_kv(n_src, torch.full_like(n_src, len(self.layers)))
         positions = self._target_positions(length)
         abs_bias = attention_bias(self.self_pos_q_linear(positions[-1:]), self.self_pos_k_linear(positions),
                                   self.heads, self.pos_scaling)
         cross_bias = self._cross_bias(positions[-1:], encoder_out)
-        threshold = settings.dec_threshold(step) if settings is not None else 1.0
+        threshold = settings.dec_threshold(step) if settings is not None else NEVER_EXIT
         rule = settings.dec_rule if settings is not None else None
         deciding = rule is not None and rule.enabled(threshold)
         state = rule.new_state(bsz, tokens.device) if deciding else None

@@ -11,6 +11,8 @@ import torch
 from fairseq.models import FairseqEncoder
 from torch import nn
 
+from mue.exiting.config import NEVER_EXIT, never_exits
+
 from .layers import EncoderLayer
 from .positions import OFA_BUCKET_POSITIONS, attention_bias, image_bucket_table, image_position_ids, token_bucket_table
 from .resnet import ResNetStem
@@ -36,7 +38,7 @@ class MueEncoder(FairseqEncoder):
         self.pos_scaling = (dim / heads * cfg.attn_scale_factor) ** -0.5
         self.image_bucket_size = cfg.image_bucket_size
         self.max_source_positions = cfg.max_source_positions
-        self.exit_settings = None  # set for inference by mue.models.MueOFAModel.set_exit_settings
+        self.exit_settings = None  # set only inside MueOFAModel.exiting (mue.exiting.session.exit_session)
 
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(dim)
@@ -116,7 +118,7 @@ class MueEncoder(FairseqEncoder):
         return self.image_rel_pos_table_list[idx](buckets).permute(2, 0, 1)
 
     # ---- the stack ---------------------------------------------------------------------------
-    def run_stream(self, x, padding, bias_for_layer, threshold=1.0, max_depth=None, rows=None, states=None):
+    def run_stream(self, x, padding, bias_for_layer, threshold=NEVER_EXIT, max_depth=None, rows=None, states=None):
         """Run the tied layers over one stream and return (x, depths[B]).
 
         Each row stops after `max_depth` layers (int or LongTensor[B]) or once its cosine similarity
@@ -129,7 +131,7 @@ class MueEncoder(FairseqEncoder):
         if max_depth is not None:
             limit = torch.minimum(limit, torch.as_tensor(max_depth, device=x.device).expand(bsz))
         active = torch.arange(bsz, device=x.device) if rows is None else rows
-        everyone = rows is None and max_depth is None and threshold >= 1.0
+        everyone = rows is None and max_depth is None and never_exits(threshold)
         blocked = padding[:, None, None, :] if padding.any() else None
         x = x.masked_fill(padding[..., None], 0.0)
         policy = self.exit_settings.policy if self.exit_settings is not None else None
@@ -150,7 +152,7 @@ class MueEncoder(FairseqEncoder):
             x = x.index_copy(0, active, outputs)
             if states is not None:
                 states.append(x)
-            if threshold < 1.0 and policy is not None:
+            if not never_exits(threshold) and policy is not None:
                 similarity = policy.similarity(outputs, inputs, padding[active])
                 active = active[~policy.should_exit(similarity, threshold)]
         return x, depths
@@ -189,7 +191,7 @@ class MueEncoder(FairseqEncoder):
 
             x, depth = self.run_stream(
                 torch.cat([image_x, text_x], 1), torch.cat([image_pad, text_pad], 1), joint_bias,
-                threshold=1.0 if settings is None else settings.joint_thres,
+                threshold=NEVER_EXIT if settings is None else settings.joint_thres,
                 max_depth=max_text_depth if max_image_depth is None else max_image_depth, states=states,
             )
             image_depth, text_depth = depth * with_image, depth
@@ -199,13 +201,13 @@ class MueEncoder(FairseqEncoder):
                 image_abs = self._abs_bias(image_pos)
                 image_x, image_depth = self.run_stream(
                     image_x, image_pad, lambda idx: (image_abs + self._image_rel_bias(idx, image_ids))[None],
-                    threshold=1.0 if settings is None else settings.img_thres, max_depth=max_image_depth,
+                    threshold=NEVER_EXIT if settings is None else settings.img_thres, max_depth=max_image_depth,
                     rows=None if with_image.all() else with_image.nonzero().flatten(),
                 )
             text_abs = self._abs_bias(text_pos)
             text_x, text_depth = self.run_stream(
                 text_x, text_pad, lambda idx: (text_abs + self._text_rel_bias(idx, n_text))[None],
-                threshold=1.0 if settings is None else settings.txt_thres, max_depth=max_text_depth,
+                threshold=NEVER_EXIT if settings is None else settings.txt_thres, max_depth=max_text_depth,
             )
             x = torch.cat([image_x, text_x], 1)
             if states is not None:

@@ -1,8 +1,9 @@
 """The `mue_ofa` model: OFA's unified encoder-decoder, with MuE's decomposed encoder and exits.
 
-Parameter names and shapes follow OFA's checkpoints (see shared/docs/ofa_base_state_dict.tsv), so
+Parameter names and shapes follow OFA's checkpoints (docs/OFA.md; the full list is tests/data/ofa_base_state_dict.tsv), so
 an official OFA state dict loads with strict checking into the matching `mue_ofa_*` arch.
 """
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -69,10 +70,17 @@ class MueOFAModel(FairseqEncoderDecoderModel):
         return self.decoder(prev_output_tokens, encoder_out=encoder_out, features_only=features_only,
                             return_all_hiddens=return_all_hiddens)
 
-    def set_exit_settings(self, settings):
-        """Attach (or with None, detach) the inference exit settings (mue.exiting.ExitSettings)."""
-        self.encoder.exit_settings = settings
-        self.decoder.exit_settings = settings
+    @contextlib.contextmanager
+    def exiting(self, settings):
+        """Within the block, forward passes exit early under `settings` (mue.exiting.ExitSettings); the
+        previous settings (none, outside a session) come back afterwards, even on error. Callers use
+        mue.exiting.session.exit_session, which builds the settings and a fresh trace."""
+        previous = self.encoder.exit_settings, self.decoder.exit_settings
+        self.encoder.exit_settings = self.decoder.exit_settings = settings
+        try:
+            yield settings
+        finally:
+            self.encoder.exit_settings, self.decoder.exit_settings = previous
 
     def load_state_dict(self, state_dict, strict=True, model_cfg=None, args=None):
         """Strict by default: one clear error lists every missing, unexpected or mis-shaped parameter."""

@@ -3,9 +3,10 @@
 Source ``' what does the image describe?'``; target the normalised caption (lower case, no punctuation,
 at most ``--max-tgt-length`` words). Evaluation examples keep every normalised reference.
 
-Validation with ``--eval-cider``: captions are generated (``--eval-args``, a json of generation options)
-and two corpus metrics are logged, built from per-batch sums so fairseq adds them up over batches and
-workers: ``cider`` (x100; per-image CIDEr-D with document frequencies fixed once from the whole
+Validation with ``--eval-cider``: captions are generated with the task's exit knobs (``--eval-args``, a
+json of generation options) by a generator built for the model fairseq validates; the exit summary
+(``mue_time_reduction`` ...) is logged beside two corpus metrics, built from per-batch sums so fairseq
+adds them up over batches and workers: ``cider`` (x100; per-image CIDEr-D with document frequencies fixed once from the whole
 validation split's references, so its mean is pycocoevalcap's corpus CIDEr on whitespace tokens) and
 ``bleu4`` (x100; pycocoevalcap's closest-reference corpus BLEU from summed n-gram counts).
 
@@ -28,9 +29,11 @@ from fairseq.tasks import FairseqTask, register_task
 from mue.data.datasets import CaptionDataset
 from mue.data.readers import DataError, OfaCaptionTsv
 from mue.data.tokenizer import CAPTION_PROMPT, normalize_text
+from mue.errors import OptionError
 from mue.evaluation.caption_metrics import BLEU_ORDER, CaptionResults, bleu_stats, corpus_bleu
+from mue.exiting.session import unwrap
 
-from .vl_task import VisionLanguageConfig, VisionLanguageTask
+from .vl_task import EXIT_PREFIX, VisionLanguageConfig, VisionLanguageTask
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class CaptionTask(VisionLanguageTask):
 
     def __init__(self, cfg, dictionary, tokenizer):
         super().__init__(cfg, dictionary, tokenizer)
-        self.sequence_generator = None
+        self._validation_generator = None  # (model, generator): rebuilt when validation gets another model
         self._results = {}
 
     @property
@@ -78,12 +81,21 @@ class CaptionTask(VisionLanguageTask):
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
         if self.cfg.eval_cider:
+            self.validation_generator(model)  # a bad --eval-args fails now, not at the first validation
+        return model
+
+    def validation_generator(self, model):
+        """The generator of --eval-cider (--eval-args, the task's exit knobs) for the model being validated:
+        built for that very model, so validation scores the weights fairseq hands it (a wrapped or EMA
+        model included), not the model that existed when the task was set up."""
+        inner = unwrap(model)
+        if self._validation_generator is None or self._validation_generator[0] is not inner:
             try:
                 gen_args = json.loads(self.cfg.eval_args)
             except json.JSONDecodeError as e:
-                raise ValueError(f"--eval-args is not valid json: {e}") from None
-            self.sequence_generator = self.build_generator([model], Namespace(**gen_args))
-        return model
+                raise OptionError(f"--eval-args is not valid json: {e}") from None
+            self._validation_generator = (inner, self.build_generator([inner], Namespace(**gen_args)))
+        return self._validation_generator[1]
 
     def generate_captions(self, generator, models, sample):
         """(hypotheses, normalised caption per row) with the given generator, without collecting."""
@@ -97,7 +109,12 @@ class CaptionTask(VisionLanguageTask):
             return loss, sample_size, logging_output
         if "refs" not in sample:
             raise DataError(f"--eval-cider: split {sample.get('split')!r} has no references (is it the training split?)")
-        _, hyps = self.generate_captions(self.sequence_generator, [model], sample)
+        generator = self.validation_generator(model)
+        if hasattr(generator, "reset_stats"):
+            generator.reset_stats()
+        _, hyps = self.generate_captions(generator, [unwrap(model)], sample)
+        if hasattr(generator, "stats"):  # the exit summary beside the score
+            logging_output.update({EXIT_PREFIX + k: v for k, v in generator.stats.sums().items()})
         cider = self.datasets[sample["split"]].corpus_cider()
         logging_output["_cider_sum"] = float(sum(cider.score(h, r) for h, r in zip(hyps, sample["refs"])))
         logging_output["_cider_cnt"] = len(hyps)

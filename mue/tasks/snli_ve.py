@@ -4,7 +4,8 @@ Source ``' does the image describe " HYP "?'`` (``--add-premise``: OFA's premise
 (" yes" entailment, " no" contradiction, " maybe" neutral) + eos, with constraint masks restricting the
 output to the answers' tokens. Prediction (validation and fairseq-generate): each answer is scored with
 teacher forcing -- the sum of its tokens' log-probabilities, eos included -- and the best one wins
-(``score_candidates``). Validation logs ``snli_score`` (accuracy, %). fairseq-generate prints the chosen
+(``score_candidates``). Validation scores the answers with the configured exits and logs ``snli_score``
+(accuracy, %) beside the exit summary (``mue_time_reduction`` ...). fairseq-generate prints the chosen
 answer per example (H-/D- lines) and, once the whole split is scored, logs the accuracy and writes
 ``--eval-results`` if given.
 """
@@ -21,6 +22,7 @@ from mue.data.collater import pad_right
 from mue.data.datasets import SnliVeDataset, encode_answer_candidates
 from mue.data.readers import DataError, OfaSnliVeTsv
 from mue.data.tokenizer import SNLI_VE_ANSWERS, SNLI_VE_PREMISE_PROMPT, SNLI_VE_PROMPT
+from mue.exiting.session import exit_session
 
 from .vl_task import VisionLanguageConfig, VisionLanguageTask
 
@@ -35,7 +37,7 @@ def score_candidates(model, sample, candidates: Sequence[torch.Tensor], pad: int
     once; its output is repeated K times and the decoder scores the B*K (row, candidate) pairs in one
     call. A score is the sum of the candidate tokens' log-probabilities (eos included) under the full
     softmax -- OFA's constrained scoring, since masking other tokens does not change these values.
-    Exits: whatever exit settings are attached to the model apply (see ``attached_exits``).
+    Exits: those of the exit session the call runs in, if any (mue.exiting.session.exit_session).
     ``return_token_scores``: also return the per-token log-probs [B, K, L] (0 at padding).
     """
     pad = model.decoder.dictionary.pad() if pad is None else pad
@@ -59,10 +61,11 @@ def score_candidates(model, sample, candidates: Sequence[torch.Tensor], pad: int
     return (scores, token_scores) if return_token_scores else scores
 
 
-def attached_exits(generator, max_len: int):
-    """The exit-aware generator's exits, switched on while scoring; with another generator, none."""
+def attached_exits(generator):
+    """The exit-aware generator's exits, switched on (and timed, and accounted) while scoring; with
+    another generator, none."""
     if hasattr(generator, "exits_attached"):
-        return generator.exits_attached(max_len)
+        return generator.exits_attached()
     return contextlib.nullcontext()
 
 
@@ -104,9 +107,12 @@ class SnliVeTask(VisionLanguageTask):
 
     # ---- validation ------------------------------------------------------------------------
     def valid_step(self, sample, model, criterion):
+        """fairseq's loss, plus the answers scored with the configured exits (accuracy ``snli_score``
+        and the exit summary, ``mue_*``)."""
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
-        with torch.no_grad():
+        with torch.no_grad(), exit_session(model, self.cfg) as settings:
             pred = score_candidates(model, sample, self.candidates).argmax(-1)
+        logging_output.update(self.exit_logging_output(model, settings.trace))
         logging_output["_snli_score_sum"] = int(pred.eq(sample["labels"]).sum().item())
         logging_output["_snli_cnt"] = int(pred.numel())
         if self.cfg.eval_print_samples:
@@ -131,7 +137,7 @@ class SnliVeTask(VisionLanguageTask):
         if len(models) != 1:
             raise NotImplementedError("mue_snli_ve scores answers with one model; ensembles are not supported")
         model = models[0]
-        with torch.no_grad(), attached_exits(generator, max(c.numel() for c in self.candidates)):
+        with torch.no_grad(), attached_exits(generator):
             scores, token_scores = score_candidates(model, sample, self.candidates, return_token_scores=True)
         best = scores.argmax(-1)
         hypos = []

@@ -1,8 +1,8 @@
 """The shared base of mue's vision-language tasks: config, dictionary, data loading, evaluation rules.
 
 What the base owns:
-  * ``VisionLanguageConfig``: data location and format, text/image sizes, dictionary, and the inference
-    exit knobs (validated at setup);
+  * ``VisionLanguageConfig``: data location and format, text/image sizes, dictionary; it inherits the
+    inference exit knobs from ``mue.exiting.config.ExitConfig`` (their one owner), validated at setup;
   * ``setup_task``: one dictionary for source and target (``build_ofa_dictionary``: OFA's dict.txt or the
     data's own), the GPT-2 BPE ``Tokenizer``, a check that the task's prompt and answers are in the dict;
   * ``load_dataset``: picks the reader by ``--data-format`` and wraps it in the task's dataset;
@@ -22,30 +22,29 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from fairseq.logging import metrics
-from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import FairseqTask
 from omegaconf import II
 
 from mue.data.dictionary import build_ofa_dictionary
 from mue.data.readers import CocoCaptionJson, DataError, OfaCaptionTsv, SnliVeJsonl
 from mue.data.tokenizer import Tokenizer
-from mue.exiting.baselines import (EXIT_POLICIES, attach_imitation_heads, make_decoder_rule,
-                                   validate_exit_entropy, validate_exit_patience)
-from mue.exiting.policy import NEVER_EXIT, validate_threshold
-from mue.exiting.schedule import SCHEDULE_KINDS
-from mue.exiting.settings import KV_POLICIES
+from mue.errors import OptionError
+from mue.exiting.baselines import attach_imitation_heads
+from mue.exiting.config import ExitConfig, as_record, describe, exits_requested
+from mue.exiting.config import exit_config as read_exit_config
+from mue.exiting.accounting import account, model_sizes, new_stats
+from mue.exiting.session import unwrap
+from mue.exiting.stats import ExitStats
 
 logger = logging.getLogger(__name__)
 
 DATA_FORMATS = ("auto", "tsv", "coco", "snli_jsonl")
-EXIT_THRESHOLDS = ("img_thres", "txt_thres", "dec_thres")
-EXIT_OPTIONS = EXIT_THRESHOLDS + ("dec_schedule", "dec_decay_beta", "dec_decay_tau", "kv_policy", "exit_policy",
-                                   "exit_entropy", "exit_patience")
-TEXT_OPTIONS = ("dec_schedule", "kv_policy", "exit_policy")  # exit options recorded as strings
+EXIT_PREFIX = "_mue_"  # validation's exit sums in logging outputs (hidden from progress logs by the "_")
 
 
 @dataclass
-class VisionLanguageConfig(FairseqDataclass):
+class VisionLanguageConfig(ExitConfig):
     data: Optional[str] = field(
         default=None, metadata={"help": "data directory; split files are {data}/{split}.tsv (or see --data-format)"})
     data_format: ChoiceEnum(DATA_FORMATS) = field(
@@ -67,28 +66,6 @@ class VisionLanguageConfig(FairseqDataclass):
     max_src_length: int = field(default=80, metadata={"help": "max words of source text (hypothesis, premise)"})
     max_tgt_length: int = field(default=20, metadata={"help": "max words of a target caption"})
     patch_image_size: int = field(default=480, metadata={"help": "images are resized to this square side"})
-    # inference exit knobs (thresholds >= 1 never exit)
-    img_thres: float = field(default=1.0, metadata={"help": "image-stream exit threshold (>= 1: never)"})
-    txt_thres: float = field(default=1.0, metadata={"help": "text-stream exit threshold (>= 1: never)"})
-    dec_thres: float = field(default=1.0, metadata={"help": "decoder exit threshold theta (>= 1: never)"})
-    dec_schedule: ChoiceEnum(SCHEDULE_KINDS) = field(
-        default="constant", metadata={"help": "decoder threshold over steps: constant, decay (paper) or "
-                                              "reference (the public MuE code)"})
-    dec_decay_beta: float = field(default=0.95, metadata={"help": "beta of the decay schedule"})
-    dec_decay_tau: float = field(default=1.0, metadata={"help": "tau of the decay schedule"})
-    kv_policy: ChoiceEnum(KV_POLICIES) = field(
-        default="copy", metadata={"help": "keys/values of decoder layers a token skipped: copy, recompute, drop"})
-    exit_policy: ChoiceEnum(EXIT_POLICIES) = field(
-        default="cosine", metadata={"help": "decoder exit rule: cosine (MuE, --dec-thres), entropy (DeeBERT-style, "
-                                            "--exit-entropy), patience (PABEE-style, --exit-patience), imitation "
-                                            "(DeeCap-style: imitation heads on the model, --exit-entropy); "
-                                            "encoder streams always use cosine"})
-    exit_entropy: float = field(
-        default=0.0, metadata={"help": "entropy/imitation rules: exit when the prediction's entropy (nats) is "
-                                       "below this (0: never)"})
-    exit_patience: int = field(
-        default=0, metadata={"help": "patience rule: exit once the argmax prediction stayed unchanged for this "
-                                     "many consecutive layers (0: never)"})
     imitation_hidden: int = field(
         default=0, metadata={"help": "hidden size of each imitation head (--exit-policy imitation; 0: the model "
                                      "dimension)"})
@@ -107,35 +84,18 @@ class VisionLanguageConfig(FairseqDataclass):
     seed: int = II("common.seed")
 
 
-def validate_exit_options(cfg) -> None:
-    """Raise ValueError naming the option (e.g. --img-thres) when an exit knob is invalid."""
-    for name in EXIT_THRESHOLDS:
-        validate_threshold(getattr(cfg, name), "--" + name.replace("_", "-"))
-    beta, tau = float(cfg.dec_decay_beta), float(cfg.dec_decay_tau)
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"--dec-decay-beta must be in [0, 1], got {cfg.dec_decay_beta!r}")
-    if not tau >= 0.0 or tau == float("inf"):
-        raise ValueError(f"--dec-decay-tau must be a finite number >= 0, got {cfg.dec_decay_tau!r}")
-    policy = str(cfg.exit_policy)
-    validate_exit_entropy(cfg.exit_entropy)
-    validate_exit_patience(cfg.exit_patience)
-    make_decoder_rule(policy, cfg.exit_entropy, cfg.exit_patience)  # a knob of another rule is an error
-    if policy != "cosine" and float(cfg.dec_thres) < NEVER_EXIT:
-        raise ValueError(f"--dec-thres < 1 is the cosine rule's knob; --exit-policy {policy} exits by "
-                         + ("--exit-patience" if policy == "patience" else "--exit-entropy"))
+def validate_task_options(cfg) -> None:
+    """Raise OptionError naming the option when an exit knob (mue.exiting.config.check) or a task option
+    about exits is invalid."""
+    read_exit_config(cfg)
     if int(cfg.imitation_hidden) < 0:
-        raise ValueError(f"--imitation-hidden must be >= 0, got {cfg.imitation_hidden!r}")
+        raise OptionError(f"--imitation-hidden must be >= 0, got {cfg.imitation_hidden!r}")
     if cfg.reference_arch:
         from mue.models.mue_ofa import ARCHS
 
         if cfg.reference_arch not in ARCHS:
-            raise ValueError(f"--reference-arch {cfg.reference_arch!r} is not a registered arch; choose from "
-                             f"{sorted(ARCHS)}")
-
-
-def exits_requested(cfg) -> bool:
-    return (any(float(getattr(cfg, name)) < NEVER_EXIT for name in EXIT_THRESHOLDS)
-            or float(cfg.exit_entropy) > 0 or int(cfg.exit_patience) > 0)
+            raise OptionError(f"--reference-arch {cfg.reference_arch!r} is not a registered arch; choose from "
+                              f"{sorted(ARCHS)}")
 
 
 def resolve_dict_file(cfg) -> str:
@@ -181,7 +141,7 @@ class VisionLanguageTask(FairseqTask):
 
     @classmethod
     def setup_task(cls, cfg: VisionLanguageConfig, **kwargs):
-        validate_exit_options(cfg)
+        validate_task_options(cfg)
         if not cfg.data:
             raise DataError(f"task {cls.__name__}: the data directory (first positional argument) is required")
         if not os.path.isdir(cfg.data):
@@ -309,14 +269,13 @@ class VisionLanguageTask(FairseqTask):
         stats = getattr(generator, "stats", None)
         exit_summary = stats.summary() if stats is not None else None
         if stats is not None:
-            logger.info("exit summary on %s:\n%s", split, stats.format_table())
+            logger.info("exit summary on %s (%s):\n%s", split, describe(self.cfg), stats.format_table())
             generator.reset_stats()
         if not self.cfg.eval_results:
             return
         record = {
             "task": self.RECORD_TASK, "run": self.cfg.eval_run_name, "split": split,
-            "thresholds": {k: (str(v) if k in TEXT_OPTIONS else float(v))
-                           for k, v in ((k, getattr(self.cfg, k)) for k in EXIT_OPTIONS)},
+            "thresholds": as_record(self.cfg),
             "metrics": scores, "n_examples": n_examples, "split_size": len(self.datasets[split]),
             "exit": exit_summary, "predictions": predictions,
         }
@@ -348,13 +307,13 @@ class VisionLanguageTask(FairseqTask):
         """
         extra = dict(extra_gen_cls_kwargs or {})
         if seq_gen_cls is None and importlib.util.find_spec("mue.generation") is not None:
-            from mue.generation import MueSequenceGenerator, exit_settings_from_cfg
+            from mue.generation import MueSequenceGenerator
 
             seq_gen_cls = MueSequenceGenerator
-            extra["exit_kwargs"] = exit_settings_from_cfg(self.cfg)
+            extra["exit_config"] = read_exit_config(self.cfg)
             extra["reference_arch"] = self.cfg.reference_arch
         elif exits_requested(self.cfg) or self.cfg.reference_arch:
-            raise ValueError("exit thresholds < 1 (--img-thres/--txt-thres/--dec-thres), --exit-entropy, "
+            raise OptionError("exit thresholds < 1 (--img-thres/--txt-thres/--dec-thres), --exit-entropy, "
                              "--exit-patience and --reference-arch need the exit-aware "
                              "generator of mue.generation, which is not available")
         return super().build_generator(models, args, seq_gen_cls=seq_gen_cls, extra_gen_cls_kwargs=extra,
@@ -377,12 +336,23 @@ class VisionLanguageTask(FairseqTask):
         logging_output["_eval_cnt"] = sample["nsentences"]
         return loss, sample_size, logging_output
 
+    @staticmethod
+    def exit_logging_output(model, trace) -> dict:
+        """What a validation batch ran, as summable logging-output entries (``_mue_*``, ExitStats.sums)."""
+        inner = unwrap(model)
+        stats = account(new_stats(inner), trace, model_sizes(inner))
+        return {EXIT_PREFIX + key: value for key, value in stats.sums().items()}
+
     def reduce_metrics(self, logging_outputs, criterion):
         super().reduce_metrics(logging_outputs, criterion)
         count = sum(log.get("_eval_cnt", 0) for log in logging_outputs)
         if count:
             metrics.log_scalar_sum("_eval_cnt", count)
             metrics.log_derived("eval_examples", lambda m: int(m["_eval_cnt"].sum))
+        exit_keys = {key for log in logging_outputs for key in log if key.startswith(EXIT_PREFIX)}
+        if exit_keys:  # the exit summary of validation, summed over batches and workers
+            ExitStats.log_sums({key[len(EXIT_PREFIX):]: sum(log.get(key, 0) for log in logging_outputs)
+                                for key in exit_keys}, EXIT_PREFIX)
 
     def split_size(self, sample) -> Optional[int]:
         split = sample.get("split")
