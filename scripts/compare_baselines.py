@@ -154,7 +154,7 @@ def train_models(data_root: str, ckpt_dir: str, size: dict, task: str = "caption
 def run_sweeps(data: str, ckpt_dir: str, out: str, tiny: bool, split: str, task: str, gen: Sequence[str],
                reference_arch: str, log=print) -> List[str]:
     """Every method's sweep through fairseq-generate; `gen`: the generation arguments (task ones included)."""
-    from mue.evaluation.sweep import generate_record, sweep
+    from mue.evaluation.sweep import FULL as NO_EXITS, generate_record, sweep
 
     runs = plan(tiny, reference_arch)
     for run, spec in runs.items():
@@ -168,7 +168,7 @@ def run_sweeps(data: str, ckpt_dir: str, out: str, tiny: bool, split: str, task:
     os.makedirs(out, exist_ok=True)
     scratch = os.path.join(out, "warmup.json")
     generate_record(data, TASKS[task], os.path.join(ckpt_dir, "mue", "checkpoint_last.pt"), split,
-                    (1.0, 1.0, 1.0), scratch, "warmup", gen)
+                    NO_EXITS, scratch, "warmup", gen)
     os.remove(scratch)
     shutil.rmtree(os.path.join(out, "generate", "warmup"), ignore_errors=True)
     paths = []
@@ -183,13 +183,13 @@ def run_sweeps(data: str, ckpt_dir: str, out: str, tiny: bool, split: str, task:
 def retime_full(data: str, ckpt_dir: str, out: str, split: str, task: str, gen: Sequence[str]) -> float:
     """Time the full model once more, after the sweeps; returns first timing / this one. Its distance
     from 1 is what timing noise alone does to a speedup on this machine."""
-    from mue.evaluation.sweep import generate_record, record_path
+    from mue.evaluation.sweep import FULL as NO_EXITS, generate_record, record_path
 
-    with open(record_path(out, TASKS[task], FULL, split, (1.0, 1.0, 1.0), []), encoding="utf-8") as f:
+    with open(record_path(out, TASKS[task], FULL, split, NO_EXITS, []), encoding="utf-8") as f:
         full = json.load(f)
     scratch = os.path.join(out, "retime.json")
     again = generate_record(data, TASKS[task], os.path.join(ckpt_dir, "mue", "checkpoint_last.pt"), split,
-                            (1.0, 1.0, 1.0), scratch, "retime", gen)
+                            NO_EXITS, scratch, "retime", gen)
     os.remove(scratch)
     shutil.rmtree(os.path.join(out, "generate", "retime"), ignore_errors=True)
     return full["exit"]["wall_clock_s"] / again["exit"]["wall_clock_s"]
@@ -206,7 +206,7 @@ def _best_at(rows: Sequence[dict], run: str, level: float, q_full: float) -> Opt
     """`run`'s best value of each criterion among its settings whose quality is >= level x the full
     model's `q_full` (each criterion may pick another setting), and the setting of the largest Eq. 14
     saving; None if no setting keeps the level."""
-    from mue.evaluation.report import format_thresholds
+    from mue.evaluation.records import format_thresholds
 
     ok = [r for r in rows if r["record"]["run"] == run and r["quality"] >= level * q_full - 1e-12]
     if not ok:
@@ -232,7 +232,7 @@ def comparison_table(records: Sequence[dict], task: str = "caption", levels: Seq
     FLOPs reduction, measured speedup) among the settings that keep the level, and who is ahead of whom
     by each criterion, MuE or the baseline. `retimed`: retime_full's ratio (widens the speedup tie)."""
     tie = max(SPEEDUP_TIE, abs(1.0 - retimed)) if retimed is not None else SPEEDUP_TIE
-    from mue.evaluation.report import find_baseline, quality_key, tradeoff_rows
+    from mue.evaluation.records import find_baseline, quality_key, tradeoff_rows
 
     rows = tradeoff_rows(records, task)
     q_full = float(find_baseline(records, task)["metrics"][quality_key(task)])
@@ -298,7 +298,8 @@ def main(argv=None) -> int:
     logging.getLogger().setLevel(logging.WARNING)  # fairseq's INFO logs drown the comparison
     import mue  # noqa: F401  (registers the plugin)
     from mue.data.synthetic import generate
-    from mue.evaluation.report import load_records, quality_key, render_report
+    from mue.evaluation.records import load_records, quality_key
+    from mue.evaluation.report import render_report
 
     size = sizes(args.tiny, args.task)
     if args.task_data:

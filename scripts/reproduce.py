@@ -14,8 +14,8 @@
   4. report    OUT/report.md (mue.evaluation.report) and OUT/paper_tables.md with Tables 1-4 and the
                figures (mue.evaluation.paper_tables); Table 1 is printed at the end
 
-Real data uses the hyperparameters of the MuE reference runs (shared/docs/OFA_FACTS.md): OFA-base, 480 px,
-effective batch 64, polynomial decay with 6 % warm-up; --ofa-checkpoint is an official OFA checkpoint
+Real data uses the hyperparameters of the MuE reference runs (docs/OFA.md, "MuE reference runs"): OFA-base,
+480 px, effective batch 64, polynomial decay with 6 % warm-up; --ofa-checkpoint is an official OFA checkpoint
 converted with `python -m mue.checkpoints.convert_ofa` and loaded with --finetune-from-model (without it the
 runs start from scratch, which cannot give the paper's numbers). --synthetic: mue_ofa_micro from scratch,
 64 px images, on the CPU (what scripts/demo.py runs).
@@ -76,9 +76,12 @@ SWEEPS = {
     },
     "tiny": {"mue": [FULL, (0.9, 0.9, 0.9)], "ablation": [FULL, (0.9, 0.9, 0.9)]},
 }
-# The paper's decaying decoder threshold for captioning (theta from the setting, beta 0.95, tau 1).
-CAPTION_GENERATION = ["--beam", "5", "--max-len-b", "16", "--no-repeat-ngram-size", "3", "--dec-schedule", "decay",
-                      "--dec-decay-beta", "0.95", "--dec-decay-tau", "1.0"]
+# Caption generation as in the reference runs, with the paper's decaying decoder threshold: theta from the
+# setting, beta 0.95, tau 1, decaying over N = the longest caption generated (max_len_b).
+MAX_CAPTION_LEN = "16"
+CAPTION_GENERATION = ["--beam", "5", "--max-len-b", MAX_CAPTION_LEN, "--no-repeat-ngram-size", "3",
+                      "--dec-schedule", "decay", "--dec-decay-beta", "0.95", "--dec-decay-tau", "1.0",
+                      "--dec-decay-len", MAX_CAPTION_LEN]
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -93,7 +96,7 @@ class Stage:
 
 
 def real_stages(task: str, args) -> List[Stage]:
-    """The MuE reference runs (OFA_FACTS.md, "Hyperparameters of the MuE reference runs")."""
+    """The MuE reference runs (docs/OFA.md, "MuE reference runs")."""
     def common(dropout):
         return ["--arch", "mue_ofa_base", "--patch-image-size", "480", "--max-src-length", "80",
                 "--max-tgt-length", "20", "--dropout", dropout, "--attention-dropout", "0.0",
@@ -276,7 +279,8 @@ def evaluate_run(args, run: str, ckpt: str, generate_extra: Sequence[str]) -> No
 def render(out: str, title: str, dev_split: str = "valid", test_split: str = "test") -> str:
     """Write OUT/report.md and OUT/paper_tables.md from every record in OUT/runs; return Table 1."""
     from mue.evaluation import paper_tables
-    from mue.evaluation.report import load_records, render_report
+    from mue.evaluation.records import load_records
+    from mue.evaluation.report import render_report
 
     records = load_records(os.path.join(out, "runs"))
     test = [r for r in records if r.get("split") == test_split]

@@ -1,4 +1,4 @@
-"""ExitStats (Eq. 14, histograms, merge, JSON, fairseq metrics) and analytic FLOPs."""
+"""ExitStats (Eq. 14, histograms, fairseq metrics) and analytic FLOPs."""
 import math
 
 import pytest
@@ -97,42 +97,13 @@ def test_flops_and_time():
     s.add_flops("decoder_layers", 30, 90)
     s.add_flops("kv_fill", 10, 0)
     s.add_time(1.5)
-    with s.timer():
-        pass
     out = s.summary()
     assert out["flops_spent"] == 140 and out["flops_full"] == 190
     assert out["flops_reduction"] == pytest.approx(1 - 140 / 190)
     assert out["flops_by_component"]["kv_fill"] == {"spent": 10, "full": 0}
-    assert 1.5 <= out["wall_clock_s"] < 2.5
+    assert out["wall_clock_s"] == 1.5
     assert out["expected_time_reduction"] is None  # no depths yet
     assert "FLOPs" in s.format_table() and "n/a" in s.format_table()
-
-
-def test_merge_equals_single_accumulation():
-    a, b, both = ExitStats(6, 6), ExitStats(6, 6), ExitStats(6, 6)
-    batches = [([2, 6], [4, 6], 4, [2, 2], [1, 2, 6]), ([1], [3], 9, [7], [5, 5])]
-    for target, (img, txt, ni, nt, dec) in zip((a, b), batches):
-        for s in (target, both):
-            s.add_encoder(img, txt, ni, nt)
-            s.add_decoder(dec)
-            s.add_flops("encoder_text", 3, 4)
-    assert a.merge(b).summary() == both.summary()
-    with pytest.raises(ValueError, match="configs differ"):
-        a.merge(ExitStats(6, 4))
-
-
-def test_json_round_trip(tmp_path):
-    s = two_sample_stats("token")
-    s.add_flops("output_projection", 12, 12)
-    s.add_time(0.25)
-    path = tmp_path / "stats.json"
-    s.to_json(str(path))
-    back = ExitStats.from_json(str(path))
-    assert back.summary() == s.summary()
-    assert back.to_dict()["config"]["encoder_average"] == "token"
-    # the loaded one keeps accumulating like the original
-    back.add_decoder([6]); s.add_decoder([6])
-    assert back.summary() == s.summary()
 
 
 def test_format_table_mentions_numbers():
@@ -150,7 +121,7 @@ def test_fairseq_metrics_sum_over_workers_and_derive_eq14():
     workers[1].add_decoder([6])
     with metrics.aggregate(new_root=True) as agg:
         for w in workers:
-            w.log_to_metrics()
+            ExitStats.log_sums(w.sums())
         meters = agg.get_smoothed_values()
     expected = two_sample_stats().summary()["expected_time_reduction"]
     assert meters["mue_time_reduction"] == pytest.approx(expected)

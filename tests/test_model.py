@@ -11,8 +11,8 @@ from mue.models import build_arch
 from mue.models.state_dict import CheckpointMismatchError
 from ofa_reference import OFAReference, randomize_, tiny_dictionary
 
-# OFA-base's state-dict layout (every key, shape, dtype), read off the official checkpoint; a copy of
-# shared/docs/ofa_base_state_dict.tsv kept with the tests so they run from any checkout
+# OFA-base's state-dict layout (every key, shape, dtype), read off the official checkpoint (docs/OFA.md,
+# "Checkpoint layout"), kept with the tests so they run from any checkout
 TSV = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "ofa_base_state_dict.tsv")
 DERIVED = ("version", "token_rp_bucket", "image_rp_bucket", "image_position_idx")
 

@@ -1,25 +1,23 @@
-"""Trade-off reports (mue.evaluation.report) and the Pareto front, on hand-made result records."""
+"""Trade-off reports (mue.evaluation.report, records, tables, plots) and the Pareto front, on hand-made
+result records."""
 import json
 import random
 
 import pytest
 
 from mue.evaluation.pareto import pareto_front
-from mue.evaluation.report import (
+from mue.evaluation.plots import plot_tradeoff
+from mue.evaluation.records import (
     NoSettingMeetsTarget,
-    ablation_table,
-    decomposition_table,
     find_baseline,
+    format_thresholds,
     load_records,
-    main,
-    plot_tradeoff,
     quality_key,
-    render_report,
     same_thresholds,
     select_for_target,
-    target_table,
-    tradeoff_table,
 )
+from mue.evaluation.report import main, render_report
+from mue.evaluation.tables import ablation_table, decomposition_table, target_table, tradeoff_table
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -213,6 +211,20 @@ def test_target_table():
 def test_same_thresholds_defaults():
     assert same_thresholds({"img_thres": 0.9}, {"img_thres": 0.9, "kv_policy": "copy", "dec_thres": 1.0})
     assert not same_thresholds({"img_thres": 0.9}, {"img_thres": 0.91})
+    # records written before --dec-decay-len existed decayed over 16 steps: the default fills it in
+    old = rec("mue", dec=0.9)["thresholds"]
+    assert same_thresholds(old, {**old, "dec_decay_len": 16})
+    assert not same_thresholds(old, {**old, "dec_decay_len": 20})
+
+
+def test_format_thresholds_shows_the_schedule_and_its_length():
+    old = rec("mue", 0.9, 1.0, 0.8)["thresholds"]  # no dec_decay_len: the default N
+    assert format_thresholds(old) == "img 0.9, txt 1, dec 0.8 decay(b0.95,t1,N16)"
+    assert format_thresholds({**old, "dec_schedule": "reference", "dec_decay_len": 20, "kv_policy": "drop"}) \
+        == "img 0.9, txt 1, dec 0.8 reference(b0.95,t1,N20), kv drop"
+    assert format_thresholds({**old, "dec_schedule": "constant"}) == "img 0.9, txt 1, dec 0.8"
+    assert format_thresholds({**old, "dec_thres": 1.0}) == "img 0.9, txt 1, dec 1"  # never exits: no schedule
+    assert format_thresholds({"img_thres": 0.9, "seed": 3}) == "img 0.9, txt 1, dec 1, seed 3"
 
 
 # ------------------------------------------------------------------------------- ablations

@@ -6,7 +6,7 @@ that continue one of the three answers (OFA's constraint trie), the label (0 no,
 ``CaptionDataset``: source ``' what does the image describe?'``, target the normalised caption (max
 ``max_tgt_length`` words) + eos; evaluation examples also carry every normalised reference.
 
-Text follows OFA (OFA_FACTS.md): lower-cased, punctuation removed, truncated to ``max_src_length`` words
+Text follows OFA (docs/OFA.md, "Text normalisation"): lower-cased, punctuation removed, truncated to ``max_src_length`` words
 (hypothesis, premise) or ``max_tgt_length`` words (training captions; the first reference at evaluation).
 Text that BPE-encodes to ids missing from the dictionary is an error (a wrong dict.txt), never <unk>.
 

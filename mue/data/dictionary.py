@@ -1,6 +1,6 @@
 """OFA's vocabulary as a fairseq Dictionary: text BPE entries, then <mask>, image codes and location bins.
 
-Layout (OFA_FACTS.md): 0-3 ``<s> <pad> </s> <unk>``, then the lines of dict.txt (50,260 for OFA), then
+Layout (docs/OFA.md, "Dictionary"): 0-3 ``<s> <pad> </s> <unk>``, then the lines of dict.txt (50,260 for OFA), then
 ``<mask>``, ``<code_0..num_codes-1>``, ``<bin_0..num_bins-1>``; 59,457 entries with OFA's dict.txt.
 """
 import os

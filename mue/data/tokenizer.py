@@ -14,7 +14,7 @@ import torch
 from fairseq.data import Dictionary
 from fairseq.data.encoders.gpt2_bpe import GPT2BPE, GPT2BPEConfig
 
-# Texts every mue dict.txt must cover: the answers and the prompts of both tasks (OFA_FACTS.md).
+# Texts every mue dict.txt must cover: the answers and the prompts of both tasks (docs/OFA.md, "Tasks").
 SNLI_VE_ANSWERS = (" no", " yes", " maybe")  # contradiction, entailment, neutral
 CAPTION_PROMPT = " what does the image describe?"
 SNLI_VE_PROMPT = ' does the image describe " {hypothesis} "?'

@@ -1,21 +1,21 @@
 """The paper's Tables 1-4 and its quality vs time-reduction figure, with the paper's numbers beside ours.
 
 Built from the same result records as ``mue.evaluation.report`` (one per run, split and threshold setting)
-and from its functions (baseline, dev-side threshold selection, depth and ablation tables, plots); this
-module only arranges them in the paper's layout:
+and from the same parts (``records``: baseline, dev-side threshold selection; ``tables``: depth and ablation
+tables; ``plots``); this module only arranges them in the paper's layout:
 
   Table 1  full model vs MuE (thresholds chosen on dev to keep ``target`` of the full model's quality),
            test quality and expected time reduction (Eq. 14)
-  Table 2  image vs text encoder depth (``report.decomposition_table`` over the full model and MuE)
+  Table 2  image vs text encoder depth (``tables.decomposition_table`` over the full model and MuE)
   Table 3  the trade-off at several time-reduction rates: per rate, the best dev setting of MuE that
            saves at least that much, reported on test
   Table 4  ablations: MuE, w/o decomposition, w/o layer-wise loss, each at its dev-chosen setting
-           (plus ``report.ablation_table``)
-  Figure   quality vs expected time reduction, every run (``report.plot_tradeoff``)
+           (plus ``tables.ablation_table``)
+  Figure   quality vs expected time reduction, every run (``plots.plot_tradeoff``)
 
 Scores are shown x100 (accuracy %, BLEU/METEOR/CIDEr/SPICE as papers print them). The paper's numbers
-are those of shared/docs/OFA_FACTS.md (OFA-base); cells the paper has no number for in that summary show
-"-".
+(OFA-base) are listed in docs/OFA.md, "The paper's reported numbers"; cells without a reported number
+show "-".
 
     python -m mue.evaluation.paper_tables RUNS_DIR --out DIR [--dev-split valid] [--test-split test]
 """
@@ -25,14 +25,16 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from .report import (NoSettingMeetsTarget, _markdown, _pct, ablation_table, decomposition_table, find_baseline,
-                     format_thresholds, load_records, plot_tradeoff, quality_key, same_thresholds,
-                     select_for_target, tradeoff_rows)
+from .plots import plot_tradeoff
+from .records import (NoSettingMeetsTarget, find_baseline, format_thresholds, load_records, quality_key,
+                      same_thresholds, select_for_target, tradeoff_rows)
+from .tables import ablation_table, decomposition_table, markdown, pct
 
 __all__ = ["PAPER", "TABLE1_METRICS", "RUN_ORDER", "select_for_reduction", "table1", "table2", "table3",
            "table4", "render_paper_tables", "main"]
 
-# The paper's results (OFA-base; OFA_FACTS.md). Scores x100, time reduction in %.
+# The paper's results (OFA-base; docs/OFA.md, "The paper's reported numbers"). Scores x100, time
+# reduction in %.
 PAPER: Dict[str, Dict[str, Dict[str, float]]] = {
     "snli_ve": {"full": {"accuracy": 89.2, "time_reduction": 0.0},
                 "mue": {"accuracy": 88.5, "time_reduction": 50.0}},
@@ -54,7 +56,7 @@ def _paper(task: str, row: str, key: str) -> str:
 
 def _score(record: Optional[dict], key: str) -> str:
     value = None if record is None else record["metrics"].get(key)
-    return _pct(value)
+    return pct(value)
 
 
 def _tasks(records: Sequence[dict]) -> List[str]:
@@ -77,9 +79,9 @@ def table1(dev: Sequence[dict], test: Sequence[dict], task: str, target: float =
                                         ("MuE", "mue", mue, note)):
         cells = [label] + [f"{_score(rec, key)} / {_paper(task, row, key)}" for _, key in TABLE1_METRICS[task]]
         etr = None if rec is None else rec["exit"]["expected_time_reduction"]
-        cells += [f"{_pct(etr)} / {_paper(task, row, 'time_reduction')}", thresholds.replace("|", "/")]
+        cells += [f"{pct(etr)} / {_paper(task, row, 'time_reduction')}", thresholds.replace("|", "/")]
         rows.append(cells)
-    return _markdown(headers, rows)
+    return markdown(headers, rows)
 
 
 # ------------------------------------------------------------------------------------------ Table 2
@@ -93,7 +95,7 @@ def table2(test: Sequence[dict], task: str) -> str:
 def select_for_reduction(dev: Sequence[dict], test: Sequence[dict], task: str, rate: float,
                          run: str = "mue") -> Optional[dict]:
     """On dev, the best-quality setting of ``run`` whose expected time reduction is >= ``rate`` (ties: the
-    larger reduction); its test row (``report.tradeoff_rows``) under ``"test"`` and the dev row under
+    larger reduction); its test row (``records.tradeoff_rows``) under ``"test"`` and the dev row under
     ``"dev"``. None when no dev setting saves that much; an error when the test split lacks the setting."""
     dev_rows = [r for r in tradeoff_rows(dev, task) if r["record"]["run"] == run and r["etr"] >= rate - 1e-12]
     if not dev_rows:
@@ -124,15 +126,15 @@ def table3(dev: Sequence[dict], test: Sequence[dict], task: str, rates: Optional
             rows.append([f"{100 * rate:g}", "no dev setting saves this much", "n/a", "n/a", "n/a", "n/a", paper])
             continue
         d, t = pick["dev"], pick["test"]
-        rows.append([f"{100 * rate:g}", format_thresholds(d["record"]["thresholds"]), _pct(d["quality"]),
-                     _pct(t["quality"]), _pct(t["etr"]), _pct(t["quality_ratio"]), paper])
-    return _markdown(headers, rows)
+        rows.append([f"{100 * rate:g}", format_thresholds(d["record"]["thresholds"]), pct(d["quality"]),
+                     pct(t["quality"]), pct(t["etr"]), pct(t["quality_ratio"]), paper])
+    return markdown(headers, rows)
 
 
 # ------------------------------------------------------------------------------------------ Table 4
 def table4(dev: Sequence[dict], test: Sequence[dict], task: str, target: float = 0.99) -> str:
     """Each run (MuE and its ablations) at the dev setting with the largest time reduction that keeps
-    ``target`` of the full model's dev quality, on test; then ``report.ablation_table`` (all levels)."""
+    ``target`` of the full model's dev quality, on test; then ``tables.ablation_table`` (all levels)."""
     key = quality_key(task)
     present = {r["run"] for r in test if r["task"] == task}
     headers = ["model", f"{key} ours / paper", "time red. (%) ours / paper", "thresholds (chosen on dev)"]
@@ -145,10 +147,10 @@ def table4(dev: Sequence[dict], test: Sequence[dict], task: str, target: float =
         except NoSettingMeetsTarget:
             rows.append([run, f"n/a / {paper_q}", f"n/a / {paper_t}", f"no dev setting keeps {100 * target:g}%"])
             continue
-        rows.append([run, f"{_pct(s['test_quality'])} / {paper_q}",
-                     f"{_pct(s['test_expected_time_reduction'])} / {paper_t}", format_thresholds(s["thresholds"])])
+        rows.append([run, f"{pct(s['test_quality'])} / {paper_q}",
+                     f"{pct(s['test_expected_time_reduction'])} / {paper_t}", format_thresholds(s["thresholds"])])
     runs = [r for r in test if r["task"] == task and r["run"] in ("full",) + RUN_ORDER]
-    return _markdown(headers, rows) + "\n\nAll levels (each run against its own never-exit record):\n\n" + \
+    return markdown(headers, rows) + "\n\nAll levels (each run against its own never-exit record):\n\n" + \
         ablation_table(runs, task)
 
 
@@ -161,7 +163,8 @@ def render_paper_tables(dev: Sequence[dict], test: Sequence[dict], out_dir: str,
     os.makedirs(out_dir, exist_ok=True)
     body = [f"# {title}: the paper's tables",
             "Scores x100. Thresholds are chosen on the dev split, numbers are on the test split. "
-            "'ours / paper': the paper's OFA-base numbers (\"-\": not reported in our summary of the paper)."]
+            "'ours / paper': the paper's OFA-base numbers (\"-\": not among the paper's numbers listed in "
+            "docs/OFA.md)."]
     headline = []
     for task in _tasks(test):
         name = TASK_TITLES.get(task, task)

@@ -20,8 +20,11 @@ import shlex
 import sys
 from typing import Dict, List, Sequence, Tuple
 
+from mue.exiting.config import NEVER_EXIT, validate_threshold
+
 PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FULL = (1.0, 1.0, 1.0)
+#: the setting stored as the full model: no stream ever exits
+FULL = (NEVER_EXIT,) * 3
 
 
 def parse_setting(text: str) -> Tuple[float, float, float]:
@@ -29,8 +32,6 @@ def parse_setting(text: str) -> Tuple[float, float, float]:
     parts = text.split(",")
     if len(parts) != 3:
         raise ValueError(f"a threshold setting is IMG,TXT,DEC (three numbers), got {text!r}")
-    from mue.exiting.policy import validate_threshold
-
     return tuple(validate_threshold(p, name) for p, name in zip(parts, ("image", "text", "decoder")))
 
 

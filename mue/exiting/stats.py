@@ -1,8 +1,8 @@
 """ExitStats: what early exiting saved over a run (layers, Eq. 14, FLOPs, wall-clock).
 
 One accumulator for training-time validation and fairseq-generate alike.  It keeps
-histograms (not per-sample lists), so memory does not grow with the data set, and
-it can be merged across shards and reduced through fairseq's metrics.
+histograms (not per-sample lists), so memory does not grow with the data set; its raw
+sums (``sums()``) add up across batches and workers through fairseq's metrics (``log_sums``).
 
 Expected time reduction rate (paper Eq. 14)::
 
@@ -31,11 +31,8 @@ FLOPs as "full", so ``flops_reduction`` is against the reference.
 A stream "exists" in a row when it has > 0 tokens; its depth must then be in
 [1, N_E] (layer 1 is always run).  Depths of absent streams are ignored.
 """
-import json
 import math
-import time
 from collections import Counter
-from contextlib import contextmanager
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -200,40 +197,11 @@ class ExitStats:
         self.flops_full[component] += full.item() if torch.is_tensor(full) else full
 
     def add_time(self, seconds: float):
+        """Add measured wall-clock seconds (the generator times each batch)."""
         seconds = float(seconds)
         if not (math.isfinite(seconds) and seconds >= 0):
             raise ValueError(f"ExitStats.add_time: seconds must be finite and >= 0, got {seconds}")
         self.wall_clock_s += seconds
-
-    @contextmanager
-    def timer(self):
-        """``with stats.timer(): ...`` adds the block's wall-clock time (perf_counter).
-        Synchronise the device inside the block when timing GPU work."""
-        start = time.perf_counter()
-        try:
-            yield self
-        finally:
-            self.add_time(time.perf_counter() - start)
-
-    def merge(self, other: "ExitStats") -> "ExitStats":
-        """Add ``other``'s counts into this one (same N_E, N_D, encoder_average)."""
-        mine = (self.n_enc_layers, self.n_dec_layers, self.encoder_average, self.reference_layers)
-        theirs = (other.n_enc_layers, other.n_dec_layers, other.encoder_average, other.reference_layers)
-        if mine != theirs:
-            raise ValueError(f"ExitStats.merge: configs differ, {mine} vs {theirs}")
-        self.image_hist.update(other.image_hist)
-        self.text_hist.update(other.text_hist)
-        self.decoder_hist.update(other.decoder_hist)
-        self.n_samples += other.n_samples
-        self.enc_stream_depth_sum += other.enc_stream_depth_sum
-        self.enc_token_depth_sum += other.enc_token_depth_sum
-        self.image_tokens += other.image_tokens
-        self.text_tokens += other.text_tokens
-        for c in FLOP_COMPONENTS:
-            self.flops_spent[c] += other.flops_spent[c]
-            self.flops_full[c] += other.flops_full[c]
-        self.wall_clock_s += other.wall_clock_s
-        return self
 
     # ---------------------------------------------------------------- reading
     @property
@@ -341,64 +309,7 @@ class ExitStats:
         ]
         return "\n".join(lines)
 
-    # ------------------------------------------------------------ persistence
-    def to_dict(self) -> dict:
-        """JSON-ready: config, raw state (enough to rebuild and merge) and summary."""
-        return {
-            "config": {
-                "n_enc_layers": self.n_enc_layers,
-                "n_dec_layers": self.n_dec_layers,
-                "encoder_average": self.encoder_average,
-                "reference_layers": list(self.reference_layers) if self.reference_layers else None,
-            },
-            "state": {
-                "image_hist": dict(self.image_hist),
-                "text_hist": dict(self.text_hist),
-                "decoder_hist": dict(self.decoder_hist),
-                "n_samples": self.n_samples,
-                "enc_stream_depth_sum": self.enc_stream_depth_sum,
-                "enc_token_depth_sum": self.enc_token_depth_sum,
-                "image_tokens": self.image_tokens,
-                "text_tokens": self.text_tokens,
-                "flops_spent": dict(self.flops_spent),
-                "flops_full": dict(self.flops_full),
-                "wall_clock_s": self.wall_clock_s,
-            },
-            "summary": self.summary(),
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ExitStats":
-        stats = cls(**data["config"])
-        st = data["state"]
-        for name in ("image_hist", "text_hist", "decoder_hist"):
-            setattr(stats, name, Counter({int(k): int(v) for k, v in st[name].items()}))
-        for name in ("n_samples", "enc_token_depth_sum", "image_tokens", "text_tokens"):
-            setattr(stats, name, int(st[name]))
-        stats.enc_stream_depth_sum = float(st["enc_stream_depth_sum"])
-        stats.wall_clock_s = float(st["wall_clock_s"])
-        for name in ("flops_spent", "flops_full"):
-            unknown = set(st[name]) - set(FLOP_COMPONENTS)
-            if unknown:
-                raise ValueError(f"ExitStats.from_dict: unknown FLOP components {sorted(unknown)}")
-            getattr(stats, name).update(st[name])
-        return stats
-
-    def to_json(self, path: str):
-        with open(path, "w") as f:
-            json.dump(self.to_dict(), f, indent=2)
-
-    @classmethod
-    def from_json(cls, path: str) -> "ExitStats":
-        with open(path) as f:
-            return cls.from_dict(json.load(f))
-
     # --------------------------------------------------------- fairseq metrics
-    def log_to_metrics(self, prefix: str = "_mue_"):
-        """Log the raw sums with ``metrics.log_scalar_sum`` (so multi-worker
-        validation adds them up) and register the derived numbers."""
-        self.log_sums(self.sums(), prefix)
-
     @staticmethod
     def log_sums(sums: Mapping[str, float], prefix: str = "_mue_"):
         """Log already-summed numbers (e.g. from a criterion's reduced logging

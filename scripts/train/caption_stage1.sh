@@ -7,7 +7,7 @@
 # DATA_DIR holds OFA's caption TSVs (train.tsv one caption per line; valid.tsv/test.tsv with '&&'-joined
 # references) and dict.txt (or pass --dict-file). OFA_CHECKPOINT: an official OFA-base checkpoint converted
 # with `python -m mue.checkpoints.convert_ofa`, loaded with --finetune-from-model.
-# Hyperparameters (docs OFA_FACTS.md, "MuE reference runs"): lr 1e-5, 5 epochs, label smoothing 0.1,
+# Hyperparameters (docs/OFA.md, "MuE reference runs"): lr 1e-5, 5 epochs, label smoothing 0.1,
 # frozen token embeddings, validation CIDEr with beam 5, max_len_b 16, no-repeat 3-gram; like SNLI-VE:
 # polynomial decay with 6 % warm-up, Adam (0.9, 0.999, 1e-8), weight decay 0.01, clip 1.0, dropout 0.1,
 # drop-path 0.1, 480 px, max source 80, max target 20, effective batch 64.

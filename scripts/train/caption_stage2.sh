@@ -6,7 +6,7 @@
 #
 # DATA_DIR: the caption TSVs of stage 1. STAGE1_CHECKPOINT: stage 1's best checkpoint
 # (caption_stage1.sh's SAVE_DIR/checkpoint_best.pt), loaded with --finetune-from-model.
-# Hyperparameters (docs OFA_FACTS.md, "MuE reference runs"): self-critical training, CIDEr-D reward with
+# Hyperparameters (docs/OFA.md, "MuE reference runs"): self-critical training, CIDEr-D reward with
 # document frequencies from the training references, leave-one-out baseline over 5 samples, lr 1e-5,
 # 3 epochs, no dropout (dropout and drop-path 0); as stage 1: polynomial decay with 6 % warm-up, Adam,
 # clip 1.0, frozen token embeddings, 480 px, effective batch 64 (BATCH_SIZE 2 per process by default:

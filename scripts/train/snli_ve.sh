@@ -8,7 +8,7 @@
 # OFA_CHECKPOINT: an official OFA-base checkpoint converted with
 #   python -m mue.checkpoints.convert_ofa ofa_base.pt ofa_base_mue.pt
 # loaded with --finetune-from-model (weights only; optimizer, schedule and data position start fresh).
-# Hyperparameters (docs OFA_FACTS.md, "MuE reference runs"): lr 5e-5, 5 epochs, polynomial decay with 6 %
+# Hyperparameters (docs/OFA.md, "MuE reference runs"): lr 5e-5, 5 epochs, polynomial decay with 6 %
 # warm-up, Adam (0.9, 0.999, 1e-8), weight decay 0.01, clip 1.0, effective batch 64, dropout 0.1,
 # drop-path 0.1, label smoothing 0, 480 px, max source 80, max target 20.
 # --synthetic: mue_ofa_micro from scratch on a synthetic benchmark (generated into DATA_DIR if missing),
