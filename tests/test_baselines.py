@@ -184,16 +184,17 @@ def _layer_entropies(model, prev, enc, heads=None):
         return torch.stack([prediction_entropy(model.decoder.project(s)) for s in states])
 
 
-def _rule_settings(kind, model, prev, enc, kv_policy="copy"):
+def _rule_settings(kind, model, prev, enc, kv_policy="copy", layout="auto"):
     """Settings whose knob gives mixed exits on this model (entropy bounds from its own entropies)."""
+    config = exit_config(kv_policy=kv_policy, dec_compaction=layout)
     if kind == "cosine":
-        return ExitSettings(exit_config(dec_thres=0.85, kv_policy=kv_policy), trace=ExitTrace())
+        return ExitSettings(exit_config(config, dec_thres=0.85), trace=ExitTrace())
     if kind == "patience":
-        return ExitSettings(exit_config(kv_policy=kv_policy), ExitTrace(), dec_rule=PatienceDecoderExit(1))
+        return ExitSettings(config, ExitTrace(), dec_rule=PatienceDecoderExit(1))
     heads = model.decoder.exit_heads if kind == "imitation" else None
     bound = float(_layer_entropies(model, prev, enc, heads).quantile(0.3))
     rule = EntropyDecoderExit(bound) if kind == "entropy" else ImitationDecoderExit(bound)
-    return ExitSettings(exit_config(kv_policy=kv_policy), ExitTrace(), dec_rule=rule)
+    return ExitSettings(config, ExitTrace(), dec_rule=rule)
 
 
 def _patience_model(model):
@@ -225,6 +226,22 @@ def test_cached_decode_equals_parallel_under_every_rule(model, imitating, kind, 
     torch.testing.assert_close(cached, forced, atol=1e-5, rtol=0)
     assert torch.equal(free_extra["exit_depths"], depths)  # the parallel forward takes the same decisions
     torch.testing.assert_close(free, cached, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["entropy", "patience", "imitation"])
+def test_every_rule_decides_the_same_in_the_dense_layout(model, imitating, kind):
+    """--dec-compaction dense (every row runs every layer, exited rows keep their state) takes the same exits
+    and gives the same outputs as the rows layout."""
+    net = {"entropy": model, "patience": _patience_model(model), "imitation": imitating}[kind]
+    src, images, masks, prev = _batch()
+    enc = _encode(net, src, images, masks)
+    outputs = {}
+    for layout in ("rows", "dense"):
+        settings = _rule_settings(kind, net, prev, enc, layout=layout)
+        with exits(net, settings):
+            outputs[layout] = _cached(net, prev, enc), _depths(settings.trace)
+    assert torch.equal(outputs["dense"][1], outputs["rows"][1]) and outputs["rows"][1].min() < LAYERS
+    torch.testing.assert_close(outputs["dense"][0], outputs["rows"][0], atol=1e-5, rtol=0)
 
 
 def test_imitation_exit_output_is_the_imitated_state(imitating):

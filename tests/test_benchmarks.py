@@ -30,38 +30,46 @@ def table(stdout):
     return cells[0], cells[2:]
 
 
-def check_header(stdout, script):
+def check_header(stdout, script, *options):
     """The exact command line and the machine info come first."""
     command = next(l for l in stdout.splitlines() if l.startswith("command: "))
-    assert f"scripts/{script} --quick --threads 1 --json" in command
+    assert " ".join([f"scripts/{script} --quick --threads 1", *options, "--json"]) in command
     machine = next(l for l in stdout.splitlines() if l.startswith("machine: "))
     assert "threads" in machine and "CPUs" in machine
 
 
 def test_bench_inference_quick(tmp_path):
     out = tmp_path / "inference.json"
-    stdout = run_script("bench_inference.py", "--quick", "--threads", "1", "--json", str(out))
-    check_header(stdout, "bench_inference.py")
+    stdout = run_script("bench_inference.py", "--quick", "--threads", "1", "--memory", "--json", str(out))
+    check_header(stdout, "bench_inference.py", "--memory")
     header, rows = table(stdout)
     data = json.loads(out.read_text())
     assert header == data["columns"]
-    for column in ("time_s", "img_layers", "txt_layers", "dec_layers", "gflops_spent", "gflops_full",
-                   "speedup_measured", "speedup_flops", "efficiency", "overhead"):
+    for column in ("time_s", "spread", "img_layers", "txt_layers", "dec_layers", "gflops", "speedup_measured",
+                   "speedup_flops", "efficiency", "vs_per_row_measured", "vs_per_row_flops", "overhead",
+                   "syncs_per_step", "peak_mem_gb"):
         assert column in header
+    configs = ("full_per_row", "full", "bookkeeping", "mue")
     keys = [(r[header.index("task")], r[header.index("config")]) for r in rows]
-    assert keys == [(t, c) for t in ("caption", "snli_ve") for c in ("full", "bookkeeping", "mue")]
+    assert keys == [(t, c) for t in ("caption", "snli_ve") for c in configs]
     assert all(r[header.index("size")] == "micro" for r in rows)
     assert len(data["rows"]) == len(rows)
+    by = {(r["task"], r["config"]): r for r in data["rows"]}
     for row in data["rows"]:
-        assert row["time_s"] > 0
+        assert row["time_min_s"] <= row["time_s"] <= row["time_max_s"] and row["peak_mem_gb"] > 0
         assert 1 <= row["img_layers"] <= 6 and 1 <= row["dec_layers"] <= 6
-        assert 0 < row["gflops_spent"] <= row["gflops_full"] * (1 + 1e-9)
-        if row["config"] == "bookkeeping":  # thresholds 1.0: nothing exits
+        full = by[(row["task"], "full")]
+        if row["config"] == "bookkeeping":  # thresholds 1.0: nothing exits, the full model's FLOPs
             assert row["img_layers"] == row["txt_layers"] == row["dec_layers"] == 6
-            assert row["speedup_flops"] == pytest.approx(1.0)
+            assert row["speedup_flops"] == pytest.approx(1.0) and row["gflops"] == pytest.approx(full["gflops"])
             assert "overhead" in row and "goal" in row
-        if row["config"] == "mue":
+        if row["config"] in ("bookkeeping", "mue"):
+            assert row["syncs_per_step"] >= 0
             assert row["efficiency"] == pytest.approx(row["speedup_measured"] / row["speedup_flops"])
+        if row["config"] == "mue":
+            assert row["gflops"] < full["gflops"]
+    for task in ("caption", "snli_ve"):  # per-row copies of each source cost cross keys/values per row
+        assert by[(task, "full_per_row")]["gflops"] > by[(task, "full")]["gflops"]
 
 
 def test_bench_train_quick(tmp_path):

@@ -50,15 +50,22 @@ def generate(model, d, sample, exits=EXITS, beam=3):
 
 
 def test_exits_on_gpu_match_the_cpu(models):
+    """The same exits in both decoder layouts: rows (the CPU's default) and dense (the GPU's), which runs
+    exited rows too (no host sync per layer) and so spends more decoder FLOPs for the same layers used."""
     d, cpu, gpu = models
     sample = make_sample(d, 6)
-    tokens_cpu, scores_cpu, s_cpu = generate(cpu, d, sample)
-    tokens_gpu, scores_gpu, s_gpu = generate(gpu, d, to_device(sample))
+    rows = dict(EXITS, dec_compaction="rows")
+    tokens_cpu, scores_cpu, s_cpu = generate(cpu, d, sample, rows)
+    tokens_gpu, scores_gpu, s_gpu = generate(gpu, d, to_device(sample), rows)
     assert s_gpu["expected_time_reduction"] > 0  # exits really happened on the device
     assert tokens_gpu == tokens_cpu
     assert scores_gpu == pytest.approx(scores_cpu, abs=1e-3)
     for key in ("mean_image_layers", "mean_text_layers", "mean_decoder_layers", "flops_spent"):
         assert s_gpu[key] == pytest.approx(s_cpu[key], rel=1e-9), key
+    tokens_dense, scores_dense, s_dense = generate(gpu, d, to_device(sample), dict(EXITS, dec_compaction="dense"))
+    assert tokens_dense == tokens_cpu and scores_dense == pytest.approx(scores_cpu, abs=1e-3)
+    assert s_dense["expected_time_reduction"] == pytest.approx(s_cpu["expected_time_reduction"], rel=1e-9)
+    assert s_dense["flops_spent"] > s_cpu["flops_spent"]
 
 
 def test_batched_exits_on_gpu_equal_one_row_at_a_time(models):
@@ -89,6 +96,16 @@ def test_bf16_generation_when_every_token_exits_at_once(models):
     tokens, _, s = generate(half, d, to_device(make_sample(d, 4)), exits=dict(dec_thres=0.0))
     assert len(tokens) == 4 and all(len(t) > 0 for t in tokens)
     assert s["mean_decoder_layers"] == 1.0
+
+
+def test_dense_decoder_steps_sync_once_on_the_device():
+    """--dec-compaction auto picks the dense layout on a GPU: one host sync per generated token, for any
+    number of layers and rows (the grouping check of the beams)."""
+    from test_syncs import _model, _syncs_per_step
+
+    layout = "auto" if DEVICE == "cuda" else "dense"  # (auto is the rows layout on a CPU dry run)
+    for layers, bsz in ((6, 2), (12, 8)):
+        assert _syncs_per_step(_model(layers), bsz, 3, layout, device=DEVICE) == [1] * 5
 
 
 @pytest.fixture(scope="module")

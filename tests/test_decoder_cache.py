@@ -262,7 +262,7 @@ def test_layers_after_every_row_exited_are_not_run(model, kv_policy):
     src, images, masks, prev = _batch()
     enc = _encode(model, src, images, masks)
     calls = []
-    hooks = [layer.register_forward_hook(lambda mod, args, out, i=i: calls.append((i, args[0].size(0))))
+    hooks = [layer.fc1.register_forward_hook(lambda mod, args, out, i=i: calls.append((i, args[0].size(0))))
              for i, layer in enumerate(model.decoder.layers)]
     try:
         with exits(model, _dec_settings(kv_policy, theta=0.0)) as settings:

@@ -183,3 +183,52 @@ def test_a_model_that_is_not_a_mue_model_is_a_clear_error(model_and_dict):
     with pytest.raises(NotAMueModelError, match="MueSequenceGenerator: early exits need a mue_ofa model.*"
                                                 "TransformerModel"):
         MueSequenceGenerator([other], d)
+
+
+def _generate(model, d, sample, exits, beam, share_sources=True, **kwargs):
+    model.encoder.share_sources = share_sources
+    try:
+        gen = MueSequenceGenerator([model], d, exit_config=exits, beam_size=beam, max_len_b=8, **kwargs)
+        with torch.no_grad():
+            out = gen.generate([model], sample)
+    finally:
+        model.encoder.share_sources = True
+    return [[(h["tokens"].tolist(), float(h["score"])) for h in row] for row in out], gen.stats.summary()
+
+
+def _assert_same(got, expected):
+    for row_got, row_expected in zip(got, expected):
+        assert [h[0] for h in row_got] == [h[0] for h in row_expected]
+        assert [h[1] for h in row_got] == pytest.approx([h[1] for h in row_expected], abs=1e-5)
+
+
+@pytest.mark.parametrize("beam", [1, 5])
+@pytest.mark.parametrize("kv_policy", ["copy", "recompute", "drop"])
+@pytest.mark.parametrize("exits", [{}, EXITS])
+def test_cross_keys_values_per_source_are_exact(model_and_dict, monkeypatch, beam, kv_policy, exits):
+    """One set of cross keys/values per source, read in place by its beams, equals the per-row copies
+    fairseq's encoders make; the rows layout equals the dense one; fewer cross k/v are computed."""
+    from mue.models.decoder import MueDecoder
+
+    import copy
+
+    model, d = model_and_dict
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # a pull toward eos that ends some sentences early (fairseq then drops them)
+        bias = 2.0 if beam == 1 else (1.5 if exits else 2.5)
+        model.decoder.layer_norm.bias.add_(bias * model.decoder.embed_tokens.weight[d.eos()])
+    sample = make_sample(d, 6, seed=4)
+    shrinks = []
+    original = MueDecoder.reorder_incremental_state
+    monkeypatch.setattr(MueDecoder, "reorder_incremental_state", lambda self, state, order: (
+        shrinks.append(order.numel()), original(self, state, order))[1])
+    config = dict(exits, kv_policy=kv_policy)
+    shared, stats = _generate(model, d, sample, config, beam)
+    per_row, stats_per_row = _generate(model, d, sample, config, beam, share_sources=False)
+    _assert_same(shared, per_row)
+    if beam > 1:
+        assert stats["flops_by_component"]["cross_kv"]["spent"] * beam == \
+            stats_per_row["flops_by_component"]["cross_kv"]["spent"]
+    for layout in ("rows", "dense"):
+        _assert_same(_generate(model, d, sample, dict(config, dec_compaction=layout), beam)[0], shared)
+    assert len(set(shrinks)) > 1, "no sentence finished early: the source compaction was not exercised"

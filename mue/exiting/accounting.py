@@ -7,6 +7,8 @@ larger reference model's cost when `reference_sizes` is given, e.g. for an OFA-T
 import functools
 from typing import Optional
 
+import torch
+
 from .flops import (cross_kv_flops, decoder_layer_flops_step, encoder_layer_flops, imitation_head_flops,
                     kv_fill_flops, output_projection_flops, resnet_stem_flops)
 from .stats import ExitStats
@@ -65,15 +67,16 @@ def account(stats: ExitStats, trace: ExitTrace, sizes: dict, reference_sizes: Op
     model without exits, or the `reference_sizes` model (a larger one) when given. Exit decisions that
     project onto the vocabulary or run imitation heads are spent under "exit_classifier" (full: 0).
     """
-    # Per-row counts are read into Python lists once per record: indexing a tensor element by element
-    # would cost one device synchronisation per row and step on a GPU (thousands per batch).
     ref = reference_sizes or sizes
     d, rd = sizes["d"], ref["d"]
-    rn_enc = ref["n_enc"]
+    rn_enc, rn_dec = ref["n_enc"], ref["n_dec"]
+    host = _on_host(trace)
     for rec in trace.encoder:
-        stats.add_encoder(rec.image_depths, rec.text_depths, rec.image_tokens, rec.text_tokens)
-        image_depths, text_depths = rec.image_depths.tolist(), rec.text_depths.tolist()
-        for i, (p, s) in enumerate(zip(rec.image_tokens.tolist(), rec.text_tokens.tolist())):
+        image_depths, text_depths, image_tokens, text_tokens = (host(t) for t in (
+            rec.image_depths, rec.text_depths, rec.image_tokens, rec.text_tokens))
+        stats.add_encoder(torch.tensor(image_depths, dtype=torch.long), torch.tensor(text_depths, dtype=torch.long),
+                          torch.tensor(image_tokens, dtype=torch.long), torch.tensor(text_tokens, dtype=torch.long))
+        for i, (p, s) in enumerate(zip(image_tokens, text_tokens)):
             if p and rec.image_hw:
                 stats.add_flops("resnet_stem", _stem_flops(rec.image_hw, d, sizes["resnet_blocks"]),
                                 _stem_flops(rec.image_hw, rd, ref["resnet_blocks"]))
@@ -90,27 +93,43 @@ def account(stats: ExitStats, trace: ExitTrace, sizes: dict, reference_sizes: Op
                                     rn_enc * encoder_layer_flops(p, p, rd, ref["enc_ffn"]))
                 stats.add_flops("encoder_text", text_depths[i] * encoder_layer_flops(s, s, d, sizes["enc_ffn"]),
                                 rn_enc * encoder_layer_flops(s, s, rd, ref["enc_ffn"]))
-    rn_dec = ref["n_dec"]
     out_proj, ref_out_proj = output_projection_flops(d, sizes["vocab"]), output_projection_flops(rd, ref["vocab"])
     head = imitation_head_flops(d, sizes["imitation_hidden"]) if sizes.get("imitation_hidden") else 0
     for rec in trace.decoder:
-        stats.add_decoder(rec.depths)
-        depths, n_src = rec.depths.tolist(), [int(n) for n in rec.n_src.tolist()]
-        rows = len(depths)
+        depths, n_src = host(rec.depths), host(rec.n_src)
+        ran = depths if rec.ran is None else host(rec.ran)
+        stats.add_decoder(torch.tensor(depths, dtype=torch.long))
         spent = full = 0
-        for depth, n in zip(depths, n_src):
-            spent += depth * decoder_layer_flops_step(d, sizes["dec_ffn"], rec.n_past, n)
+        for layers, n in zip(ran, n_src):
+            spent += layers * decoder_layer_flops_step(d, sizes["dec_ffn"], rec.n_past, n)
             full += rn_dec * decoder_layer_flops_step(rd, ref["dec_ffn"], rec.n_past, n)
         stats.add_flops("decoder_layers", spent, full)
         stats.add_flops("kv_fill", rec.kv_filled * kv_fill_flops(d), 0)
-        stats.add_flops("output_projection", rows * out_proj, rows * ref_out_proj)
+        stats.add_flops("output_projection", len(depths) * out_proj, len(depths) * ref_out_proj)
         if rec.exit_head_calls and not head:
             raise ValueError("account: the trace records imitation-head calls but `sizes` has no imitation_hidden "
                              "(read the sizes off the model with its exit heads: model_sizes(model))")
         stats.add_flops("exit_classifier", rec.exit_projections * out_proj + rec.exit_head_calls * head, 0)
-    for rec in trace.cross_kv:  # cross-attention keys/values, per row and layer that computed them
-        pairs = list(zip(rec.n_src.tolist(), rec.layers.tolist()))
+    for rec in trace.cross_kv:  # cross-attention keys/values, per source and layer that computed them
+        pairs = list(zip(host(rec.n_src), host(rec.layers)))
         stats.add_flops("cross_kv", sum(cross_kv_flops(n, d) * layers for n, layers in pairs),
-                        sum(cross_kv_flops(n, rd) * rn_dec for n, _ in pairs))
+                        sum(cross_kv_flops(n, rd) * rn_dec for n, _ in pairs) if rec.full else 0)
     trace.clear()
     return stats
+
+
+def _on_host(trace: ExitTrace):
+    """A function tensor -> list of ints for every tensor in `trace`, with all of them moved to the host in
+    one transfer (one device sync per batch instead of one per record)."""
+    tensors = [t for rec in trace.encoder for t in (rec.image_depths, rec.text_depths, rec.image_tokens,
+                                                     rec.text_tokens)]
+    tensors += [t for rec in trace.decoder for t in (rec.depths, rec.n_src, rec.ran) if t is not None]
+    tensors += [t for rec in trace.cross_kv for t in (rec.n_src, rec.layers)]
+    if not tensors:
+        return lambda t: t.tolist()
+    flat = torch.cat([t.reshape(-1).to(torch.long) for t in tensors]).cpu().tolist()
+    lists, start = {}, 0
+    for t in tensors:
+        lists[id(t)] = flat[start:start + t.numel()]
+        start += t.numel()
+    return lambda t: lists[id(t)]

@@ -23,6 +23,7 @@ NEVER_EXIT = 1.0
 SCHEDULE_KINDS = ("constant", "decay", "reference")
 KV_POLICIES = ("copy", "recompute", "drop")
 EXIT_POLICIES = ("cosine", "entropy", "patience", "imitation")
+COMPACTION = ("auto", "rows", "dense")
 #: N of the decay schedule when not given: OFA's caption evaluation generates at most 16 tokens
 DEFAULT_DECAY_LEN = 16
 
@@ -50,6 +51,12 @@ class ExitConfig(FairseqDataclass):
         default="copy", metadata={"help": "keys/values of decoder layers a token skipped: copy (computed from the "
                                           "exited state), recompute (the same, lazily, when a later token needs "
                                           "them), drop (masked holes, for comparison)"})
+    dec_compaction: ChoiceEnum(COMPACTION) = field(
+        default="auto", metadata={"help": "how a generation step skips the decoder layers of rows that exited: rows "
+                                          "(run each layer on the rows still active; best where compute is the "
+                                          "cost, the CPU), dense (run every row, keep exited rows' states; no "
+                                          "host sync per layer, best on a GPU), auto (rows on the CPU, dense "
+                                          "elsewhere). Same results either way"})
     exit_policy: ChoiceEnum(EXIT_POLICIES) = field(
         default="cosine", metadata={"help": "decoder exit rule: cosine (MuE, --dec-thres), entropy (DeeBERT-style, "
                                             "--exit-entropy), patience (PABEE-style, --exit-patience), imitation "
@@ -65,7 +72,7 @@ class ExitConfig(FairseqDataclass):
 
 EXIT_KNOBS = tuple(f.name for f in dataclasses.fields(ExitConfig) if not f.name.startswith("_"))
 THRESHOLD_KNOBS = ("img_thres", "txt_thres", "dec_thres")
-TEXT_KNOBS = ("dec_schedule", "kv_policy", "exit_policy")
+TEXT_KNOBS = ("dec_schedule", "kv_policy", "dec_compaction", "exit_policy")
 DEFAULTS = {f.name: f.default for f in dataclasses.fields(ExitConfig) if f.name in EXIT_KNOBS}
 
 
@@ -146,6 +153,7 @@ def check(config: "ExitConfig") -> "ExitConfig":
     c.dec_decay_tau = validate_rate(c.dec_decay_tau, "--dec-decay-tau")
     c.dec_decay_len = validate_count(c.dec_decay_len, "--dec-decay-len", 1)
     c.kv_policy = validate_choice(c.kv_policy, "--kv-policy", KV_POLICIES)
+    c.dec_compaction = validate_choice(c.dec_compaction, "--dec-compaction", COMPACTION)
     c.exit_policy = validate_choice(c.exit_policy, "--exit-policy", EXIT_POLICIES)
     c.exit_entropy = validate_exit_entropy(c.exit_entropy)
     c.exit_patience = validate_exit_patience(c.exit_patience)

@@ -45,6 +45,15 @@ class ExitSettings:
         return self.config.kv_policy
 
     @property
+    def dec_compaction(self) -> str:
+        return self.config.dec_compaction
+
+    def compact_rows(self, device) -> bool:
+        """Whether a generation step runs each decoder layer on the active rows only (--dec-compaction)."""
+        mode = self.config.dec_compaction
+        return mode == "rows" or (mode == "auto" and device.type == "cpu")
+
+    @property
     def joint_thres(self) -> float:
         """Joint (non-decomposed) encoder: one exit for both modalities; it exits only where both
         streams' thresholds would allow it (the larger threshold)."""

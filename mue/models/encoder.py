@@ -39,6 +39,9 @@ class MueEncoder(FairseqEncoder):
         self.image_bucket_size = cfg.image_bucket_size
         self.max_source_positions = cfg.max_source_positions
         self.exit_settings = None  # set only inside MueOFAModel.exiting (mue.exiting.session.exit_session)
+        # reordered outputs share each source's tensors (see reorder_encoder_out); False copies them per row,
+        # as fairseq's encoders do: for the benchmark's and tests' comparison with that layout only
+        self.share_sources = True
 
         self.embed_tokens = embed_tokens
         self.layernorm_embedding = nn.LayerNorm(dim)
@@ -225,23 +228,36 @@ class MueEncoder(FairseqEncoder):
             "encoder_states": [s.transpose(0, 1) for s in states] if states is not None else [],
             "position_embeddings": [positions],  # B x T x C
             "exit_depths": [torch.stack([image_depth, text_depth], 1)],  # B x 2: image, text
+            "source_rows": [],  # after reorder_encoder_out: row -> source (the tensors above stay per source)
             "src_tokens": [],
             "src_lengths": [],
         }
 
     def reorder_encoder_out(self, encoder_out: Dict[str, List[torch.Tensor]], new_order):
+        """Rows in a new order (beam search repeats each source per beam and reorders beams every step;
+        answer scoring repeats it per candidate). The per-source tensors are not copied: the output keeps
+        them and a `source_rows` index, row -> source, which the decoder reads (one set of cross-attention
+        keys/values per source). Per-row entries (exit depths) are reordered."""
+        if not self.share_sources:
+            return self._copy_rows(encoder_out, new_order)
+        rows = (encoder_out.get("source_rows") or [None])[0]
+        rows = new_order if rows is None else rows.index_select(0, new_order)
+        reordered = dict(encoder_out)
+        reordered["source_rows"] = [rows]
+        reordered["exit_depths"] = [t.index_select(0, new_order) for t in encoder_out.get("exit_depths", [])]
+        return reordered
+
+    @staticmethod
+    def _copy_rows(encoder_out, new_order):
+        """The per-row copy fairseq encoders make (each beam row gets its own copy of its source's states,
+        and so its own cross keys/values): `share_sources = False`, the reference the benchmark and the
+        tests compare the shared layout with."""
         def pick(key, dim):
             return [t.index_select(dim, new_order) for t in encoder_out.get(key, [])]
 
-        return {
-            "encoder_out": pick("encoder_out", 1),
-            "encoder_padding_mask": pick("encoder_padding_mask", 0),
-            "encoder_states": pick("encoder_states", 1),
-            "position_embeddings": pick("position_embeddings", 0),
-            "exit_depths": pick("exit_depths", 0),
-            "src_tokens": [],
-            "src_lengths": [],
-        }
+        return {"encoder_out": pick("encoder_out", 1), "encoder_padding_mask": pick("encoder_padding_mask", 0),
+                "encoder_states": pick("encoder_states", 1), "position_embeddings": pick("position_embeddings", 0),
+                "exit_depths": pick("exit_depths", 0), "source_rows": [], "src_tokens": [], "src_lengths": []}
 
     def max_positions(self):
         return self.max_source_positions

@@ -66,8 +66,19 @@ class DecoderLayer(_Layer):
     def forward(self, x, self_k, self_v, self_bias, self_blocked, cross_k, cross_v, cross_bias, cross_blocked):
         """x [B, Tq, C] the new positions; self_k/v [B, H, Tk, Dh] all visible positions (this one
         included); cross_k/v [B, H, S, Dh]."""
-        h = self.self_attn(self.self_attn_layer_norm(x), self_k, self_v, self_bias, self_blocked)
-        x = self._residual(self.self_attn_ln(h), x)
-        h = self.encoder_attn(self.encoder_attn_layer_norm(x), cross_k, cross_v, cross_bias, cross_blocked)
-        x = self._residual(self.cross_attn_ln(h), x)
+        x = self.self_attention(x, self_k, self_v, self_bias, self_blocked)
+        x = self.cross_attention(x, cross_k, cross_v, cross_bias, cross_blocked)
+        return self._feed_forward(x)
+
+    # the three residual blocks, for callers that lay rows out differently per block (the cached decoder
+    # attends to per-source cross keys/values with its rows grouped by source)
+    def self_attention(self, x, k, v, bias, blocked):
+        h = self.self_attn(self.self_attn_layer_norm(x), k, v, bias, blocked)
+        return self._residual(self.self_attn_ln(h), x)
+
+    def cross_attention(self, x, k, v, bias, blocked):
+        h = self.encoder_attn(self.encoder_attn_layer_norm(x), k, v, bias, blocked)
+        return self._residual(self.cross_attn_ln(h), x)
+
+    def feed_forward(self, x):
         return self._feed_forward(x)
