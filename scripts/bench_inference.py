@@ -20,7 +20,7 @@ the peak memory of one call per configuration (a fresh process each on the CPU).
 Random weights rarely saturate, so the thresholds are chosen per size (--img/txt/dec-thres) to run about
 half of each stack; the table shows the layers they really ran.
 
-    python scripts/bench_inference.py                    # default: micro and base, ~8 min on 2 cores
+    python scripts/bench_inference.py                    # default: micro and base at 192 px
     python scripts/bench_inference.py --quick --json out.json
     python scripts/bench_inference.py --sizes base --image-size 480 --tasks caption --batch-sizes 1,16 --memory
     python scripts/bench_inference.py --device cuda --sizes base --image-size 480 --batch-sizes 1,16,64
@@ -259,12 +259,18 @@ class Runner:
         self.model.decoder(self.candidates, encoder_out=encoder_out)
 
 
+def configs(args):
+    """The configurations timed: CONFIGS, plus mue with each --layouts value (mue_rows, mue_dense)."""
+    return CONFIGS + tuple(f"mue_{layout}" for layout in args.layouts)
+
+
 def make_runners(model, task, bsz, thres, args, tokenizer, device):
     dictionary = model.decoder.dictionary
     candidates = snli_candidates(bsz, dictionary, tokenizer).to(device) if task == "snli_ve" else None
     exits = {"full_per_row": None, "full": None, "bookkeeping": exit_config(**NEVER), "mue": exit_config(**thres)}
+    exits.update({f"mue_{layout}": exit_config(**thres, dec_compaction=layout) for layout in args.layouts})
     return {c: Runner(model, dictionary, task, exits[c], c != "full_per_row", args.beam, args.max_len_b, candidates)
-            for c in CONFIGS}
+            for c in configs(args)}
 
 
 def count_syncs(runner, sample):
@@ -310,8 +316,8 @@ def bench_one(model, size, task, bsz, args, tokenizer):
     with torch.no_grad():  # what the per-row layout computes: an accounted run of it (untimed)
         per_row = Runner(model, model.decoder.dictionary, task, exit_config(**NEVER), False, args.beam,
                          args.max_len_b, runners["full"].candidates)(sample)
-    syncs = {c: count_syncs(runners[c], sample) for c in ("bookkeeping", "mue")}
-    memory = {c: peak_memory(args, size, task, bsz, c) for c in CONFIGS} if args.memory else {}
+    syncs = {c: count_syncs(runners[c], sample) for c in configs(args) if c == "bookkeeping" or c.startswith("mue")}
+    memory = {c: peak_memory(args, size, task, bsz, c) for c in configs(args)} if args.memory else {}
     return rows_for(size, task, bsz, results, per_row, syncs, memory, model_sizes(model), thres)
 
 
@@ -323,11 +329,11 @@ def rows_for(size, task, bsz, results, per_row, syncs, memory, sizes, thres):
     f_full = results["bookkeeping"][2].summary()["flops_spent"]
     f_per_row = per_row.summary()["flops_spent"]
     rows = []
-    for config in CONFIGS:
+    for config in results:
         seconds, (fastest, slowest), stats = results[config]
         row = {"size": size, "task": task, "batch": bsz, "config": config, "time_s": seconds,
                "spread": f"{fastest:.3f}-{slowest:.3f}", "time_min_s": fastest, "time_max_s": slowest,
-               "thresholds": thres if config == "mue" else (NEVER if config == "bookkeeping" else None),
+               "thresholds": thres if config.startswith("mue") else (NEVER if config == "bookkeeping" else None),
                "syncs_per_step": syncs.get(config), "peak_mem_gb": memory.get(config)}
         if stats is None:
             row.update(img_layers=float(sizes["n_enc"]), txt_layers=float(sizes["n_enc"]),
@@ -341,11 +347,11 @@ def rows_for(size, task, bsz, results, per_row, syncs, memory, sizes, thres):
             row["vs_per_row_measured"] = t_per_row / seconds
             row["vs_per_row_flops"] = f_per_row / flops
             row["vs_per_row_efficiency"] = row["vs_per_row_measured"] / row["vs_per_row_flops"]
-        if config in ("bookkeeping", "mue"):
+        if config == "bookkeeping" or config.startswith("mue"):
             row["speedup_measured"] = t_full / seconds
             row["speedup_flops"] = f_full / flops
             row["efficiency"] = row["speedup_measured"] / row["speedup_flops"]
-        if config == "mue":
+        if config.startswith("mue"):
             ok = min(row["efficiency"], row["vs_per_row_efficiency"]) >= EFFICIENCY_GOAL
             row["goal"] = f"efficiency >= {EFFICIENCY_GOAL:.2f} vs both full models: {'met' if ok else 'MISSED'}"
             row["goal_met"] = ok
@@ -383,7 +389,7 @@ def peak_memory(args, size, task, bsz, config) -> float:
              "--image-size", f"{size}={args.image_size[size]}", "--sizes", size, "--beam", str(args.beam),
              "--max-len-b", str(args.max_len_b), "--seed", str(args.seed), "--threads", str(args.threads),
              "--img-thres", f"{size}={args.img_thres[size]}", "--txt-thres", f"{size}={args.txt_thres[size]}",
-             "--dec-thres", f"{size}={args.dec_thres[size]}"]
+             "--dec-thres", f"{size}={args.dec_thres[size]}", *(["--layouts", ",".join(args.layouts)] if args.layouts else [])]
     out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -428,6 +434,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads; 0 (default) keeps torch's default (one per core)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and machine info as JSON")
+    p.add_argument("--layouts", default="", help="also time mue with these --dec-compaction layouts, comma list "
+                   "of rows,dense (configs mue_rows, mue_dense; mue itself uses auto)")
     p.add_argument("--memory", action="store_true",
                    help="also measure the peak memory of one call per configuration (on the CPU: a fresh "
                         "process per configuration, which adds a model build and a call each)")
@@ -442,6 +450,7 @@ def parse_args(argv=None):
     args.sizes = parse_list(args.sizes, str, "--sizes", ARCHS)
     args.tasks = parse_list(args.tasks, str, "--tasks", TASKS)
     args.batch_sizes = parse_list(args.batch_sizes, int, "--batch-sizes")
+    args.layouts = parse_list(args.layouts, str, "--layouts", ("rows", "dense")) if args.layouts else []
     if any(b < 1 for b in args.batch_sizes):
         raise SystemExit(f"--batch-sizes: every batch size must be >= 1, got {args.batch_sizes}")
     if args.repeats < 1:
