@@ -74,7 +74,8 @@ SNLI_ANSWERS = (" yes", " no", " maybe")
 
 COLUMNS = ("size", "task", "batch", "config", "time_s", "spread", "img_layers", "txt_layers", "dec_layers",
            "gflops", "speedup_measured", "speedup_flops", "efficiency", "vs_per_row_measured",
-           "vs_per_row_flops", "vs_per_row_efficiency", "overhead", "syncs_per_step", "peak_mem_gb", "goal")
+           "vs_per_row_flops", "vs_per_row_efficiency", "overhead", "syncs_per_step", "peak_mem_gb",
+           "images_encoded", "per_pair_gflops", "per_pair_ms", "answers_as_per_row", "goal")
 
 
 # ---------------------------------------------------------------- shared with bench_train.py
@@ -186,15 +187,19 @@ def encode_rows(tokenizer, dictionary, texts, bsz):
     return tokens, lengths
 
 
-def make_sample(task, bsz, image_size, dictionary, tokenizer, seed, device="cpu", dtype=torch.float32):
-    """A batch as the collater makes it (random images, real prompt text), on `device`."""
+def make_sample(task, bsz, image_size, dictionary, tokenizer, seed, device="cpu", dtype=torch.float32,
+                per_image=1):
+    """A batch as the collater makes it (random images, real prompt text), on `device`; `per_image`
+    consecutive rows show the same image (SNLI-VE asks ~18 questions per image)."""
     gen = torch.Generator().manual_seed(seed)
     if task == "caption":
         texts = [CAPTION_PROMPT]
     else:
         texts = [f' does the image describe " {h} "?' for h in SNLI_HYPOTHESES]
     src_tokens, src_lengths = encode_rows(tokenizer, dictionary, texts, bsz)
-    images = (torch.rand(bsz, 3, image_size, image_size, generator=gen) * 2 - 1).to(dtype)  # mean=std=0.5
+    n_images = -(-bsz // per_image)
+    images = (torch.rand(n_images, 3, image_size, image_size, generator=gen) * 2 - 1).to(dtype)  # mean=std=0.5
+    images = images.repeat_interleave(per_image, 0)[:bsz]
     net_input = {
         "src_tokens": src_tokens,
         "src_lengths": src_lengths,
@@ -242,10 +247,10 @@ class Runner:
                 self.generator.generate([self.model], sample)
                 return getattr(self.generator, "stats", None)
             if self.exits is None:
-                self._score(sample)
+                self.answers = self._score(sample)
                 return None
             with exit_session(self.model, self.exits) as settings:
-                self._score(sample)
+                self.answers = self._score(sample)
             return account(new_stats(self.model), settings.trace, self.sizes)
         finally:
             self.model.encoder.share_sources = True
@@ -256,7 +261,8 @@ class Runner:
         rows = torch.arange(net["src_tokens"].size(0), device=self.candidates.device)
         rows = rows.repeat_interleave(len(SNLI_ANSWERS))
         encoder_out = self.model.encoder.reorder_encoder_out(encoder_out, rows)
-        self.model.decoder(self.candidates, encoder_out=encoder_out)
+        logits = self.model.decoder(self.candidates, encoder_out=encoder_out)[0]
+        return logits[:, -1].gather(-1, self.candidates[:, -1:]).view(-1, len(SNLI_ANSWERS)).argmax(-1)
 
 
 def configs(args):
@@ -308,7 +314,7 @@ def time_configs(runners, sample, repeats, sync=lambda: None):
 
 def bench_one(model, size, task, bsz, args, tokenizer):
     sample = make_sample(task, bsz, args.image_size[size], model.decoder.dictionary, tokenizer, args.seed + bsz,
-                         args.device, DTYPES[args.dtype])
+                         args.device, DTYPES[args.dtype], args.per_image if task == "snli_ve" else 1)
     thres = {"img_thres": args.img_thres[size], "txt_thres": args.txt_thres[size], "dec_thres": args.dec_thres[size]}
     runners = make_runners(model, task, bsz, thres, args, tokenizer, args.device)
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
@@ -318,7 +324,15 @@ def bench_one(model, size, task, bsz, args, tokenizer):
                          args.max_len_b, runners["full"].candidates)(sample)
     syncs = {c: count_syncs(runners[c], sample) for c in configs(args) if c == "bookkeeping" or c.startswith("mue")}
     memory = {c: peak_memory(args, size, task, bsz, c) for c in configs(args)} if args.memory else {}
-    return rows_for(size, task, bsz, results, per_row, syncs, memory, model_sizes(model), thres)
+    rows = rows_for(size, task, bsz, results, per_row, syncs, memory, model_sizes(model), thres)
+    if task == "snli_ve":  # the exact sharing must not change an answer
+        same = bool(torch.equal(runners["full"].answers, runners["full_per_row"].answers))
+        for row in rows:
+            row["per_pair_gflops"] = row["gflops"] / bsz
+            row["per_pair_ms"] = 1000 * row["time_s"] / bsz
+            if row["config"] == "full":
+                row["answers_as_per_row"] = "same" if same else "DIFFERENT"
+    return rows
 
 
 def rows_for(size, task, bsz, results, per_row, syncs, memory, sizes, thres):
@@ -335,6 +349,8 @@ def rows_for(size, task, bsz, results, per_row, syncs, memory, sizes, thres):
                "spread": f"{fastest:.3f}-{slowest:.3f}", "time_min_s": fastest, "time_max_s": slowest,
                "thresholds": thres if config.startswith("mue") else (NEVER if config == "bookkeeping" else None),
                "syncs_per_step": syncs.get(config), "peak_mem_gb": memory.get(config)}
+        if stats is not None:
+            row["images_encoded"] = stats.summary()["images_encoded"]
         if stats is None:
             row.update(img_layers=float(sizes["n_enc"]), txt_layers=float(sizes["n_enc"]),
                        dec_layers=float(sizes["n_dec"]), gflops=(f_per_row if config == "full_per_row" else f_full) / 1e9)
@@ -389,7 +405,8 @@ def peak_memory(args, size, task, bsz, config) -> float:
              "--image-size", f"{size}={args.image_size[size]}", "--sizes", size, "--beam", str(args.beam),
              "--max-len-b", str(args.max_len_b), "--seed", str(args.seed), "--threads", str(args.threads),
              "--img-thres", f"{size}={args.img_thres[size]}", "--txt-thres", f"{size}={args.txt_thres[size]}",
-             "--dec-thres", f"{size}={args.dec_thres[size]}", *(["--layouts", ",".join(args.layouts)] if args.layouts else [])]
+             "--dec-thres", f"{size}={args.dec_thres[size]}", "--per-image", str(args.per_image),
+             *(["--layouts", ",".join(args.layouts)] if args.layouts else [])]
     out = subprocess.run(child, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -403,7 +420,8 @@ def memory_child(args):
     torch.manual_seed(args.seed)
     model = build_arch(ARCHS[size], dictionary=None, dropout=0.0).eval()
     tokenizer = Tokenizer()
-    sample = make_sample(task, bsz, args.image_size[size], model.decoder.dictionary, tokenizer, args.seed + bsz)
+    sample = make_sample(task, bsz, args.image_size[size], model.decoder.dictionary, tokenizer, args.seed + bsz,
+                         per_image=args.per_image if task == "snli_ve" else 1)
     thres = {"img_thres": args.img_thres[size], "txt_thres": args.txt_thres[size], "dec_thres": args.dec_thres[size]}
     with torch.no_grad():
         make_runners(model, task, bsz, thres, args, tokenizer, "cpu")[config](sample)
@@ -434,6 +452,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0,
                    help="torch intra-op threads; 0 (default) keeps torch's default (one per core)")
     p.add_argument("--json", metavar="PATH", help="also write the rows and machine info as JSON")
+    p.add_argument("--per-image", type=int, default=1,
+                   help="snli_ve: this many consecutive rows ask about one image (real SNLI-VE: ~18 per image); "
+                        "the full model shares each image's stream (exact), full_per_row runs it per row")
     p.add_argument("--layouts", default="", help="also time mue with these --dec-compaction layouts, comma list "
                    "of rows,dense (configs mue_rows, mue_dense; mue itself uses auto)")
     p.add_argument("--memory", action="store_true",
@@ -453,6 +474,8 @@ def parse_args(argv=None):
     args.layouts = parse_list(args.layouts, str, "--layouts", ("rows", "dense")) if args.layouts else []
     if any(b < 1 for b in args.batch_sizes):
         raise SystemExit(f"--batch-sizes: every batch size must be >= 1, got {args.batch_sizes}")
+    if args.per_image < 1:
+        raise SystemExit(f"--per-image must be >= 1, got {args.per_image}")
     if args.repeats < 1:
         raise SystemExit(f"--repeats must be >= 1, got {args.repeats}")
     args.image_size = per_size(args.image_size, args.sizes, int, "--image-size")

@@ -114,7 +114,7 @@ def test_task_options_are_validated():
 
     cfg = SimpleNamespace(img_thres=1.0, txt_thres=1.0, dec_thres=1.0, dec_decay_beta=0.95, dec_decay_tau=1.0,
                           exit_policy="patience", exit_entropy=0.0, exit_patience=2, imitation_hidden=0,
-                          reference_arch=None)
+                          reference_arch=None, image_cache_size=0)
     validate_task_options(cfg)
     assert exits_requested(cfg)
     for change, message in (({"exit_entropy": 1.0}, "--exit-entropy is the knob"),

@@ -300,6 +300,8 @@ def test_end_to_end_snli_ve(data, tmp_path, caplog, one_thread):
     assert results["task"] == "snli_ve" and results["run"] == "mue" and results["split"] == "test"
     # the exit summary: every layer ran (default thresholds 1.0), 15 samples, 3 answers x 2 tokens scored
     assert results["exit"]["n_samples"] == 15 and results["exit"]["expected_time_reduction"] == 0.0
+    # evaluation takes the 3 pairs of an image in a row: batches of 2 share images, each encoded once
+    assert results["exit"]["image_rows"] == 15 and results["exit"]["images_encoded"] < 15
     assert results["exit"]["mean_decoder_layers"] == results["exit"]["n_dec_layers"]
     assert "exit summary on test" in caplog.text
     assert "split 'test': all 15 examples evaluated" in caplog.text

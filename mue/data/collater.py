@@ -74,6 +74,8 @@ def collate(samples: List[dict], pad: int) -> dict:
         batch["uniq_ids"] = [s["uniq_id"] for s in samples]
     if "image_id" in first:
         batch["image_ids"] = [s["image_id"] for s in samples]
+        # the encoder runs one image stream per image id at inference (mue.models.image_reuse)
+        batch["net_input"]["image_keys"] = batch["image_ids"]
     if "difficulty" in first:
         batch["difficulty"] = torch.tensor([int(s["difficulty"]) for s in samples], dtype=torch.long)
     if "split" in first:

@@ -156,10 +156,21 @@ class VisionLanguageDataset(FairseqDataset):
 class SnliVeDataset(VisionLanguageDataset):
     """SNLI-VE examples (see the module docstring). ``add_premise``: use OFA's premise prompt."""
 
-    def __init__(self, *args, add_premise: bool = False, **kwargs):
+    def __init__(self, *args, add_premise: bool = False, group_by_image: bool = False, **kwargs):
         self.add_premise = add_premise
+        self.group_by_image = group_by_image
         super().__init__(*args, **kwargs)
         self.candidates = encode_answer_candidates(self.tokenizer, self.dict)
+
+    def ordered_indices(self):
+        """Evaluation with ``group_by_image``: the pairs of one image in a row (images in the order they
+        first appear, pairs in file order within an image), so that batches share images and the encoder
+        runs each image once (mue.models.image_reuse). Every example stays, once."""
+        if self.is_train or not self.group_by_image or not hasattr(self.reader, "image_id"):
+            return super().ordered_indices()
+        first = {}
+        keys = [first.setdefault(self.reader.image_id(i), len(first)) for i in range(len(self))]
+        return np.array(sorted(range(len(self)), key=lambda i: (keys[i], i)), dtype=np.int64)
 
     def size_bounds(self):
         prompt = SNLI_VE_PREMISE_PROMPT if self.add_premise else SNLI_VE_PROMPT

@@ -30,6 +30,7 @@ import binascii
 import io
 import json
 import logging
+import operator
 import os
 import threading
 from array import array
@@ -187,6 +188,7 @@ class TsvReader(_Reader):
         num_cols: Union[None, int, Iterable[int]] = None,
         skip_bad: bool = False,
         check_row: Optional[Callable[[List[str]], Optional[str]]] = None,
+        key: Optional[Callable[[List[str]], str]] = None,
     ):
         super().__init__(path, skip_bad)
         if not os.path.isfile(self.path):
@@ -197,6 +199,8 @@ class TsvReader(_Reader):
             {num_cols} if isinstance(num_cols, int) else set(num_cols))
         self.num_cols: Optional[int] = None  # fixed by the first good row
         self._check_row = check_row
+        self._key = key
+        self.keys: List[str] = []  # key(fields) of every good row, read while indexing (when `key` is given)
         self._offsets = array("q")
         self._lines = array("q")
         self._fh = None
@@ -243,6 +247,8 @@ class TsvReader(_Reader):
                     self.num_cols = len(fields)
                 self._offsets.append(start)
                 self._lines.append(line_no)
+                if self._key is not None:
+                    self.keys.append(self._key(fields))
         self._report_skipped()
 
     def __len__(self) -> int:
@@ -323,7 +329,8 @@ class _OfaTsv(_Reader):
             self._difficulty_auto, self._difficulty_col = False, difficulty_col
         num_cols = (self.LAYOUT_COLS, self.LAYOUT_COLS + 1) if default_layout else None
         self.verify_images = verify_images
-        self.tsv = TsvReader(path, None, "\t", num_cols, skip_bad, self._check)
+        image_col = self.cols.get("image_id", self.cols["uniq_id"])
+        self.tsv = TsvReader(path, None, "\t", num_cols, skip_bad, self._check, key=operator.itemgetter(image_col))
         self.skipped = self.tsv.skipped  # one list for index-time and read-time problems
 
     def difficulty_column(self, ncols: int) -> Optional[int]:
@@ -373,6 +380,10 @@ class _OfaTsv(_Reader):
 
     def __len__(self):
         return len(self.tsv)
+
+    def image_id(self, i: int) -> str:
+        """Row ``i``'s image id, without reading the row (kept from indexing)."""
+        return self.tsv.keys[i]
 
 
 class OfaCaptionTsv(_OfaTsv):
@@ -454,6 +465,9 @@ class _ImageFolderReader(_Reader):
 
     def __len__(self):
         return len(self.entries)
+
+    def image_id(self, i: int) -> str:
+        return str(self.entries[i]["image_id"])
 
     def _image(self, entry):
         return self._read_image(lambda: load_image_file(entry["image_path"], entry["source"]),

@@ -74,12 +74,22 @@ def account(stats: ExitStats, trace: ExitTrace, sizes: dict, reference_sizes: Op
     for rec in trace.encoder:
         image_depths, text_depths, image_tokens, text_tokens = (host(t) for t in (
             rec.image_depths, rec.text_depths, rec.image_tokens, rec.text_tokens))
+        encoded = [bool(p) for p in image_tokens] if rec.encoded is None else [bool(e) for e in host(rec.encoded)]
         stats.add_encoder(torch.tensor(image_depths, dtype=torch.long), torch.tensor(text_depths, dtype=torch.long),
                           torch.tensor(image_tokens, dtype=torch.long), torch.tensor(text_tokens, dtype=torch.long))
+        reused_full = 0  # what the full model would spend on the images other rows' runs served
         for i, (p, s) in enumerate(zip(image_tokens, text_tokens)):
             if p and rec.image_hw:
-                stats.add_flops("resnet_stem", _stem_flops(rec.image_hw, d, sizes["resnet_blocks"]),
-                                _stem_flops(rec.image_hw, rd, ref["resnet_blocks"]))
+                stem, ref_stem = (_stem_flops(rec.image_hw, d, sizes["resnet_blocks"]),
+                                  _stem_flops(rec.image_hw, rd, ref["resnet_blocks"]))
+                if encoded[i]:
+                    stats.add_flops("resnet_stem", stem, ref_stem)
+                else:
+                    reused_full += ref_stem + rn_enc * encoder_layer_flops(p, p, rd, ref["enc_ffn"])
+            if p and not rec.joint and not encoded[i]:  # its image stream was another row's
+                stats.add_flops("encoder_text", text_depths[i] * encoder_layer_flops(s, s, d, sizes["enc_ffn"]),
+                                rn_enc * encoder_layer_flops(s, s, rd, ref["enc_ffn"]))
+                continue
             if rec.joint:
                 per_layer = encoder_layer_flops(p + s, p + s, d, sizes["enc_ffn"])
                 ref_layer = encoder_layer_flops(p + s, p + s, rd, ref["enc_ffn"])
@@ -93,6 +103,8 @@ def account(stats: ExitStats, trace: ExitTrace, sizes: dict, reference_sizes: Op
                                     rn_enc * encoder_layer_flops(p, p, rd, ref["enc_ffn"]))
                 stats.add_flops("encoder_text", text_depths[i] * encoder_layer_flops(s, s, d, sizes["enc_ffn"]),
                                 rn_enc * encoder_layer_flops(s, s, rd, ref["enc_ffn"]))
+        stats.add_image_reuse(sum(1 for p in image_tokens if p), sum(1 for p, e in zip(image_tokens, encoded) if p and e),
+                              reused_full)
     out_proj, ref_out_proj = output_projection_flops(d, sizes["vocab"]), output_projection_flops(rd, ref["vocab"])
     head = imitation_head_flops(d, sizes["imitation_hidden"]) if sizes.get("imitation_hidden") else 0
     for rec in trace.decoder:
@@ -122,7 +134,7 @@ def _on_host(trace: ExitTrace):
     """A function tensor -> list of ints for every tensor in `trace`, with all of them moved to the host in
     one transfer (one device sync per batch instead of one per record)."""
     tensors = [t for rec in trace.encoder for t in (rec.image_depths, rec.text_depths, rec.image_tokens,
-                                                     rec.text_tokens)]
+                                                     rec.text_tokens, rec.encoded) if t is not None]
     tensors += [t for rec in trace.decoder for t in (rec.depths, rec.n_src, rec.ran) if t is not None]
     tensors += [t for rec in trace.cross_kv for t in (rec.n_src, rec.layers)]
     if not tensors:

@@ -38,14 +38,17 @@ def unwrap(model):
 
 
 @contextlib.contextmanager
-def exit_session(models, config=None, trace: Optional[ExitTrace] = None):
+def exit_session(models, config=None, trace: Optional[ExitTrace] = None, image_cache=None):
     """Run ``models`` (one model or several) with exits for the block; yields the ExitSettings, whose
     ``trace`` holds what ran. ``config``: an ExitConfig (or anything mue.exiting.config.exit_config
     reads: a task config, a dict, None for the defaults), or ready ExitSettings (shared, e.g. by the
-    models of an ensemble); ``trace``: the trace to record into (default: a fresh one)."""
+    models of an ensemble); ``trace``: the trace to record into (default: a fresh one); ``image_cache``:
+    an ImageStreamCache (mue.models.image_reuse) the encoder reads and fills across calls."""
     many = list(models) if isinstance(models, (list, tuple)) else [models]
     inner = [unwrap(m) for m in many]
     settings = _settings(config, trace)
+    if image_cache is not None:
+        settings.image_cache = image_cache
     with contextlib.ExitStack() as stack:
         for model in inner:
             stack.enter_context(model.exiting(settings))

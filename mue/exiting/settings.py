@@ -22,6 +22,7 @@ class ExitSettings:
     def __init__(self, config=None, trace: Optional[ExitTrace] = None, dec_rule: Optional[DecoderExitRule] = None):
         self.config = exit_config(config)
         self.trace = trace
+        self.image_cache = None  # an ImageStreamCache for the session (mue.models.image_reuse), if any
         self.policy = CosineExitPolicy()
         schedule = ThresholdSchedule.from_config(self.config)
         self.dec_schedule = None if schedule.never_exits else schedule  # None: the cosine rule never exits

@@ -130,6 +130,9 @@ class ExitStats:
         self.flops_spent: Dict[str, float] = {c: 0 for c in FLOP_COMPONENTS}
         self.flops_full: Dict[str, float] = {c: 0 for c in FLOP_COMPONENTS}
         self.wall_clock_s = 0.0
+        self.image_rows = 0  # rows with an image
+        self.images_encoded = 0  # image-stream runs (rows sharing an image share one; cached images need none)
+        self.reuse_flops_full = 0.0  # what the full model would spend on the image streams reuse served
 
     # ------------------------------------------------------------------ adding
     def add_encoder(self, image_depths, text_depths, image_tokens, text_tokens):
@@ -196,6 +199,15 @@ class ExitStats:
         self.flops_spent[component] += spent.item() if torch.is_tensor(spent) else spent
         self.flops_full[component] += full.item() if torch.is_tensor(full) else full
 
+    def add_image_reuse(self, rows: int, encoded: int, flops_full_saved: float):
+        """Rows with an image, image-stream runs made for them, and the full model's FLOPs for the runs
+        that were shared (stem + image layers), which "flops_full" leaves out."""
+        if not 0 <= encoded <= rows:
+            raise ValueError(f"ExitStats.add_image_reuse: {encoded} images encoded for {rows} rows")
+        self.image_rows += int(rows)
+        self.images_encoded += int(encoded)
+        self.reuse_flops_full += float(flops_full_saved)
+
     def add_time(self, seconds: float):
         """Add measured wall-clock seconds (the generator times each batch)."""
         seconds = float(seconds)
@@ -242,7 +254,9 @@ class ExitStats:
 
     def summary(self) -> dict:
         """All reported numbers.  Values that have no data yet are ``None``;
-        ``expected_time_reduction`` needs both encoder samples and decoder tokens."""
+        ``expected_time_reduction`` needs both encoder samples and decoder tokens. "flops_full" is the full
+        model on the same inputs with the same exact sharing (one image-stream run per image, one set of
+        cross keys/values per source); "flops_full_without_reuse" runs every row's image."""
         s = self.sums()
         enc_tokens = self.image_tokens + self.text_tokens
         stream_mean = self.enc_stream_depth_sum / self.n_samples if self.n_samples else None
@@ -280,6 +294,10 @@ class ExitStats:
                 c: {"spent": self.flops_spent[c], "full": self.flops_full[c]} for c in FLOP_COMPONENTS
             },
             "wall_clock_s": self.wall_clock_s,
+            "image_rows": self.image_rows,
+            "images_encoded": self.images_encoded,
+            "image_reuse": self.image_rows / self.images_encoded if self.images_encoded else None,
+            "flops_full_without_reuse": full + self.reuse_flops_full,
         }
 
     def format_table(self) -> str:
@@ -307,6 +325,10 @@ class ExitStats:
             f" ({pct(s['flops_reduction'])})",
             f"  wall clock: {s['wall_clock_s']:.2f} s",
         ]
+        if self.images_encoded < self.image_rows:
+            lines.insert(-1, f"  images: {s['images_encoded']} encoded for {s['image_rows']} rows (reuse "
+                             f"{num(s['image_reuse'])}x; the full model without reuse: "
+                             f"{s['flops_full_without_reuse'] / 1e9:.3f} G)")
         return "\n".join(lines)
 
     # --------------------------------------------------------- fairseq metrics

@@ -17,6 +17,7 @@ class EncoderRecord:
     text_tokens: torch.Tensor  # [B] real text tokens per row
     joint: bool  # one stream over [image; text] (depths equal)
     image_hw: tuple  # (H, W) pixels of the input images, () without images
+    encoded: Optional[torch.Tensor] = None  # [B] rows whose image stream ran (others reused it); None: all
 
 
 @dataclass
@@ -48,9 +49,11 @@ class ExitTrace:
         self.decoder.clear()
         self.cross_kv.clear()
 
-    def add_encoder(self, image_depths, text_depths, image_tokens, text_tokens, joint: bool, image_hw=()):
+    def add_encoder(self, image_depths, text_depths, image_tokens, text_tokens, joint: bool, image_hw=(),
+                    encoded=None):
         tensors = (t.detach() for t in (image_depths, text_depths, image_tokens, text_tokens))
-        self.encoder.append(EncoderRecord(*tensors, joint, tuple(image_hw)))
+        self.encoder.append(EncoderRecord(*tensors, joint, tuple(image_hw),
+                                          None if encoded is None else encoded.detach()))
 
     def add_cross_kv(self, n_src, layers, full: bool = True):
         self.cross_kv.append(CrossKVRecord(n_src.detach(), layers.detach(), bool(full)))

@@ -16,6 +16,7 @@ from mue.exiting.accounting import account, arch_sizes, model_sizes, new_stats
 from mue.exiting.config import exit_config as read_exit_config
 from mue.exiting.session import check_models, exit_session
 from mue.exiting.settings import ExitSettings
+from mue.models.image_reuse import ImageStreamCache
 
 from .ngram_blocking import NGramBlocker
 
@@ -24,9 +25,10 @@ class MueSequenceGenerator(SequenceGenerator):
     """fairseq's SequenceGenerator over mue models with exits under ``exit_config`` (an ExitConfig, or
     anything `mue.exiting.config.exit_config` reads; None: no exits). ``reference_arch``: count Eq. 14
     and FLOPs against that (larger) registered arch, e.g. for an OFA-Tiny baseline
-    (mue.exiting.accounting.arch_sizes)."""
+    (mue.exiting.accounting.arch_sizes). ``image_cache_size``: keep the image streams of that many recent
+    images across batches (mue.models.image_reuse.ImageStreamCache; 0: off)."""
 
-    def __init__(self, models, tgt_dict, exit_config=None, reference_arch=None, **kwargs):
+    def __init__(self, models, tgt_dict, exit_config=None, reference_arch=None, image_cache_size=0, **kwargs):
         check_models(models, "MueSequenceGenerator")
         super().__init__(models, tgt_dict, **kwargs)
         self.bos = tgt_dict.bos()  # OFA's targets start with <s> (fairseq's generator would start with </s>)
@@ -41,6 +43,7 @@ class MueSequenceGenerator(SequenceGenerator):
         self.sizes = model_sizes(self.mue_models[0])
         self.reference_sizes = arch_sizes(reference_arch, self.sizes["vocab"]) if reference_arch else None
         self.stats = new_stats(self.mue_models[0], reference_sizes=self.reference_sizes)
+        self.image_cache = ImageStreamCache(image_cache_size) if image_cache_size else None
 
     def reset_stats(self):
         self.stats = new_stats(self.mue_models[0], reference_sizes=self.reference_sizes)
@@ -50,7 +53,7 @@ class MueSequenceGenerator(SequenceGenerator):
         """Within the block the models exit early; the block's wall-clock time (device work included)
         and what ran are added to `self.stats`. Used by generation and answer scoring."""
         device = next(self.mue_models[0].parameters()).device
-        with exit_session(self.mue_models, self.exit_config) as settings:
+        with exit_session(self.mue_models, self.exit_config, image_cache=self.image_cache) as settings:
             _synchronize(device)
             start = time.perf_counter()
             yield settings

@@ -13,6 +13,7 @@ from torch import nn
 
 from mue.exiting.config import NEVER_EXIT, never_exits
 
+from .image_reuse import ImageStreamCache, image_groups
 from .layers import EncoderLayer
 from .positions import OFA_BUCKET_POSITIONS, attention_bias, image_bucket_table, image_position_ids, token_bucket_table
 from .resnet import ResNetStem
@@ -39,8 +40,9 @@ class MueEncoder(FairseqEncoder):
         self.image_bucket_size = cfg.image_bucket_size
         self.max_source_positions = cfg.max_source_positions
         self.exit_settings = None  # set only inside MueOFAModel.exiting (mue.exiting.session.exit_session)
-        # reordered outputs share each source's tensors (see reorder_encoder_out); False copies them per row,
-        # as fairseq's encoders do: for the benchmark's and tests' comparison with that layout only
+        # exact sharing at inference: rows that show one image run its image stream once (image_stream), and
+        # reordered outputs share each source's tensors (reorder_encoder_out). False runs and copies
+        # everything per row, as fairseq's encoders do: for the benchmark's and tests' comparison only
         self.share_sources = True
 
         self.embed_tokens = embed_tokens
@@ -160,12 +162,82 @@ class MueEncoder(FairseqEncoder):
                 active = active[~policy.should_exit(similarity, threshold)]
         return x, depths
 
+    def _run_image_stream(self, image_x, image_pad, image_pos, image_ids, max_depth):
+        """The tied layers over the image stream of the rows that have an image: (x, depths)."""
+        settings = self.exit_settings
+        no_depth = torch.zeros(image_x.size(0), dtype=torch.long, device=image_x.device)
+        if not image_x.size(1):
+            return image_x, no_depth
+        with_image = ~image_pad.all(dim=1)
+        if not with_image.any():
+            return image_x, no_depth
+        image_abs = self._abs_bias(image_pos)
+        return self.run_stream(
+            image_x, image_pad, lambda idx: (image_abs + self._image_rel_bias(idx, image_ids))[None],
+            threshold=NEVER_EXIT if settings is None else settings.img_thres, max_depth=max_depth,
+            rows=None if with_image.all() else with_image.nonzero().flatten(),
+        )
+
+    def image_stream(self, patch_images, patch_masks, max_depth=None, image_keys=None):
+        """The decomposed image stream at inference, each image computed once: rows that share an image
+        (mue.models.image_reuse.image_groups) share one run of the stem and the image layers, and with an
+        ImageStreamCache in the exit session (``image_cache``) images seen in earlier calls are not run
+        again. Returns (x [B,P,C], padding [B,P], positions [P,C], position ids, depths [B], encoded [B]:
+        the rows whose image was computed here)."""
+        bsz, device = patch_images.size(0), patch_images.device
+        masks = torch.ones(bsz, dtype=torch.bool, device=device) if patch_masks is None else patch_masks.bool()
+        groups = image_groups(patch_images, masks, image_keys) if self.share_sources else None
+        reps = torch.arange(bsz, device=device) if groups is None else groups[0]  # one row per image
+        settings = self.exit_settings
+        cache = getattr(settings, "image_cache", None)
+        cached, keys = {}, None
+        if cache is not None and image_keys is not None and max_depth is None:
+            keys = [ImageStreamCache.key(image_keys[r], tuple(patch_images.shape[-2:]), (settings.img_thres,), self)
+                    for r in reps.tolist()]
+            cached = {i: entry for i, entry in enumerate(map(cache.get, keys)) if entry is not None}
+        todo = [i for i in range(reps.numel()) if i not in cached]
+        x = pad = pos = ids = depth = None
+        if todo:
+            rows = reps[todo] if cached else reps
+            limit = max_depth[rows] if isinstance(max_depth, torch.Tensor) and max_depth.dim() else max_depth
+            x, pad, pos, ids = self.embed_image(patch_images[rows], masks[rows])
+            x, depth = self._run_image_stream(x, pad, pos, ids, limit)
+        if cached:
+            x, pad, pos, ids, depth = self._merge_cached(cached, todo, reps.numel(), x, pad, pos, ids, depth)
+        if keys is not None:
+            for i in todo:
+                cache.put(keys[i], (x[i:i + 1].detach(), pad[i:i + 1], pos, ids, depth[i:i + 1]))
+        computed = torch.zeros(bsz, dtype=torch.bool, device=device)
+        computed[reps[todo] if cached else reps] = True
+        if groups is not None:
+            x, pad, depth = x[groups[1]], pad[groups[1]], depth[groups[1]]
+        return x, pad, pos, ids, depth, computed & masks
+
+    @staticmethod
+    def _merge_cached(cached, todo, n, x, pad, pos, ids, depth):
+        """The representatives' image streams in order: computed ones (`todo`) and cached ones."""
+        parts = []
+        for i in range(n):
+            if i in cached:
+                parts.append(cached[i])
+            else:
+                j = todo.index(i)
+                parts.append((x[j:j + 1], pad[j:j + 1], pos, ids, depth[j:j + 1]))
+        _, _, pos, ids, _ = parts[0]
+        return (torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), pos, ids,
+                torch.cat([p[4] for p in parts]))
+
     def forward(self, src_tokens, src_lengths=None, patch_images=None, patch_masks=None,
-                return_all_hiddens: bool = False, max_image_depth=None, max_text_depth=None, **unused):
+                return_all_hiddens: bool = False, max_image_depth=None, max_text_depth=None, image_keys=None,
+                **unused):
+        """``image_keys``: each row's image id (the collater passes them): at inference, rows with one
+        image share one run of the decomposed image stream (mue.models.image_reuse)."""
         settings = self.exit_settings
         text_x, text_pad, text_pos = self.embed_text(src_tokens)
         states: Optional[List[torch.Tensor]] = [] if return_all_hiddens else None
         bsz, n_text = text_pad.shape
+        encoded = None  # rows whose image stream ran in this call (None: every row with an image)
+        image_depth = None
         if patch_images is None:
             image_x = text_x.new_zeros(bsz, 0, text_x.size(-1))
             image_pad = text_pad.new_zeros(bsz, 0)
@@ -174,7 +246,11 @@ class MueEncoder(FairseqEncoder):
             if patch_images.size(0) != bsz or (patch_masks is not None and patch_masks.numel() != bsz):
                 raise ValueError(f"mue_ofa: {bsz} rows of src_tokens but patch_images has {patch_images.size(0)} "
                                  f"and patch_masks {None if patch_masks is None else patch_masks.numel()}")
-            image_x, image_pad, image_pos, image_ids = self.embed_image(patch_images, patch_masks)
+            if self.mode == "decomposed" and not self.training:  # (training: dropout makes rows differ)
+                image_x, image_pad, image_pos, image_ids, image_depth, encoded = self.image_stream(
+                    patch_images, patch_masks, max_image_depth, image_keys)
+            else:
+                image_x, image_pad, image_pos, image_ids = self.embed_image(patch_images, patch_masks)
         n_image = image_x.size(1)
         with_image = ~image_pad.all(dim=1) if n_image else torch.zeros(bsz, dtype=torch.bool, device=text_x.device)
 
@@ -199,14 +275,9 @@ class MueEncoder(FairseqEncoder):
             )
             image_depth, text_depth = depth * with_image, depth
         else:
-            image_depth = torch.zeros(bsz, dtype=torch.long, device=text_x.device)
-            if n_image and with_image.any():
-                image_abs = self._abs_bias(image_pos)
-                image_x, image_depth = self.run_stream(
-                    image_x, image_pad, lambda idx: (image_abs + self._image_rel_bias(idx, image_ids))[None],
-                    threshold=NEVER_EXIT if settings is None else settings.img_thres, max_depth=max_image_depth,
-                    rows=None if with_image.all() else with_image.nonzero().flatten(),
-                )
+            if image_depth is None:  # training: every row runs its own image
+                image_x, image_depth = self._run_image_stream(image_x, image_pad, image_pos, image_ids,
+                                                              max_image_depth)
             text_abs = self._abs_bias(text_pos)
             text_x, text_depth = self.run_stream(
                 text_x, text_pad, lambda idx: (text_abs + self._text_rel_bias(idx, n_text))[None],
@@ -220,7 +291,7 @@ class MueEncoder(FairseqEncoder):
         padding = torch.cat([image_pad, text_pad], 1)
         if settings is not None and settings.trace is not None:
             settings.trace.add_encoder(image_depth, text_depth, (~image_pad).sum(1), (~text_pad).sum(1), self.mode == "joint",
-                                       () if patch_images is None else tuple(patch_images.shape[-2:]))
+                                       () if patch_images is None else tuple(patch_images.shape[-2:]), encoded)
         positions = torch.cat([image_pos, text_pos])[None].expand(bsz, -1, -1)
         return {
             "encoder_out": [x.transpose(0, 1)],  # T x B x C

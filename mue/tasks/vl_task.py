@@ -69,6 +69,9 @@ class VisionLanguageConfig(ExitConfig):
     imitation_hidden: int = field(
         default=0, metadata={"help": "hidden size of each imitation head (--exit-policy imitation; 0: the model "
                                      "dimension)"})
+    image_cache_size: int = field(
+        default=0, metadata={"help": "keep the image stream of this many recent images across batches (by image "
+                                     "id), for data that asks about an image in several batches (0: off)"})
     reference_arch: Optional[str] = field(
         default=None, metadata={"help": "count Eq. 14 and FLOPs against this larger registered arch (e.g. "
                                         "mue_ofa_micro when evaluating an OFA-Tiny baseline mue_ofa_nano)"})
@@ -90,6 +93,8 @@ def validate_task_options(cfg) -> None:
     read_exit_config(cfg)
     if int(cfg.imitation_hidden) < 0:
         raise OptionError(f"--imitation-hidden must be >= 0, got {cfg.imitation_hidden!r}")
+    if int(cfg.image_cache_size) < 0:
+        raise OptionError(f"--image-cache-size must be >= 0, got {cfg.image_cache_size!r}")
     if cfg.reference_arch:
         from mue.models.mue_ofa import ARCHS
 
@@ -311,6 +316,7 @@ class VisionLanguageTask(FairseqTask):
 
             seq_gen_cls = MueSequenceGenerator
             extra["exit_config"] = read_exit_config(self.cfg)
+            extra["image_cache_size"] = self.cfg.image_cache_size
             extra["reference_arch"] = self.cfg.reference_arch
         elif exits_requested(self.cfg) or self.cfg.reference_arch:
             raise OptionError("exit thresholds < 1 (--img-thres/--txt-thres/--dec-thres), --exit-entropy, "
