@@ -456,7 +456,7 @@ def parse_args(argv=None):
                    help="snli_ve: this many consecutive rows ask about one image (real SNLI-VE: ~18 per image); "
                         "the full model shares each image's stream (exact), full_per_row runs it per row")
     p.add_argument("--layouts", default="", help="also time mue with these --dec-compaction layouts, comma list "
-                   "of rows,dense (configs mue_rows, mue_dense; mue itself uses auto)")
+                   "of rows,dense (configs mue_rows, mue_dense; mue itself uses the default, rows)")
     p.add_argument("--memory", action="store_true",
                    help="also measure the peak memory of one call per configuration (on the CPU: a fresh "
                         "process per configuration, which adds a model build and a call each)")
@@ -495,7 +495,7 @@ def main(argv=None):
         f"random-weight models (seed {args.seed}), eval mode, no_grad, {args.dtype} on {args.device}, dropout 0",
         "image size per model: " + ", ".join(f"{s} {args.image_size[s]}px" for s in args.sizes)
         + " (OFA uses 480px; base runs at 192px by default to keep CPU time sane)",
-        "MuE thresholds (img/txt/dec, constant decoder schedule, kv copy, --dec-compaction auto): "
+        "MuE thresholds (img/txt/dec, constant decoder schedule, kv copy, --dec-compaction rows): "
         + ", ".join(f"{s} {args.img_thres[s]}/{args.txt_thres[s]}/{args.dec_thres[s]}" for s in args.sizes),
         f"caption: beam {args.beam}, max_len_b {args.max_len_b}; snli_ve: one encoder pass + teacher-forced "
         "decoder over [bos, answer] x 3 candidates",

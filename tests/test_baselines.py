@@ -184,7 +184,7 @@ def _layer_entropies(model, prev, enc, heads=None):
         return torch.stack([prediction_entropy(model.decoder.project(s)) for s in states])
 
 
-def _rule_settings(kind, model, prev, enc, kv_policy="copy", layout="auto"):
+def _rule_settings(kind, model, prev, enc, kv_policy="copy", layout="rows"):
     """Settings whose knob gives mixed exits on this model (entropy bounds from its own entropies)."""
     config = exit_config(kv_policy=kv_policy, dec_compaction=layout)
     if kind == "cosine":

@@ -50,8 +50,8 @@ def generate(model, d, sample, exits=EXITS, beam=3):
 
 
 def test_exits_on_gpu_match_the_cpu(models):
-    """The same exits in both decoder layouts: rows (the CPU's default) and dense (the GPU's), which runs
-    exited rows too (no host sync per layer) and so spends more decoder FLOPs for the same layers used."""
+    """The same exits in both decoder layouts: rows (the default) and dense, which runs exited rows too (no
+    host sync per layer) and so spends more decoder FLOPs for the same layers used."""
     d, cpu, gpu = models
     sample = make_sample(d, 6)
     rows = dict(EXITS, dec_compaction="rows")
@@ -99,13 +99,12 @@ def test_bf16_generation_when_every_token_exits_at_once(models):
 
 
 def test_dense_decoder_steps_sync_once_on_the_device():
-    """--dec-compaction auto picks the dense layout on a GPU: one host sync per generated token, for any
-    number of layers and rows (the grouping check of the beams)."""
+    """--dec-compaction dense on the device: one host sync per generated token, for any number of layers and
+    rows (the grouping check of the beams)."""
     from test_syncs import _model, _syncs_per_step
 
-    layout = "auto" if DEVICE == "cuda" else "dense"  # (auto is the rows layout on a CPU dry run)
     for layers, bsz in ((6, 2), (12, 8)):
-        assert _syncs_per_step(_model(layers), bsz, 3, layout, device=DEVICE) == [1] * 5
+        assert _syncs_per_step(_model(layers), bsz, 3, "dense", device=DEVICE) == [1] * 5
 
 
 @pytest.fixture(scope="module")

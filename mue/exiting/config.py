@@ -23,7 +23,7 @@ NEVER_EXIT = 1.0
 SCHEDULE_KINDS = ("constant", "decay", "reference")
 KV_POLICIES = ("copy", "recompute", "drop")
 EXIT_POLICIES = ("cosine", "entropy", "patience", "imitation")
-COMPACTION = ("auto", "rows", "dense")
+COMPACTION = ("rows", "dense")
 #: N of the decay schedule when not given: OFA's caption evaluation generates at most 16 tokens
 DEFAULT_DECAY_LEN = 16
 
@@ -52,11 +52,11 @@ class ExitConfig(FairseqDataclass):
                                           "exited state), recompute (the same, lazily, when a later token needs "
                                           "them), drop (masked holes, for comparison)"})
     dec_compaction: ChoiceEnum(COMPACTION) = field(
-        default="auto", metadata={"help": "how a generation step skips the decoder layers of rows that exited: rows "
-                                          "(run each layer on the rows still active; best where compute is the "
-                                          "cost, the CPU), dense (run every row, keep exited rows' states; no "
-                                          "host sync per layer, best on a GPU), auto (rows on the CPU, dense "
-                                          "elsewhere). Same results either way"})
+        default="rows", metadata={"help": "how a generation step skips the decoder layers of rows that exited: rows "
+                                          "(run each layer on the rows still active, skip a layer no row "
+                                          "reaches; one host sync per layer) or dense (run every row, keep exited "
+                                          "rows' states; one host sync per step, but no layer skipped). Same "
+                                          "results either way"})
     exit_policy: ChoiceEnum(EXIT_POLICIES) = field(
         default="cosine", metadata={"help": "decoder exit rule: cosine (MuE, --dec-thres), entropy (DeeBERT-style, "
                                             "--exit-entropy), patience (PABEE-style, --exit-patience), imitation "

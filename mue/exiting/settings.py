@@ -49,10 +49,10 @@ class ExitSettings:
     def dec_compaction(self) -> str:
         return self.config.dec_compaction
 
-    def compact_rows(self, device) -> bool:
+    @property
+    def compact_rows(self) -> bool:
         """Whether a generation step runs each decoder layer on the active rows only (--dec-compaction)."""
-        mode = self.config.dec_compaction
-        return mode == "rows" or (mode == "auto" and device.type == "cpu")
+        return self.config.dec_compaction == "rows"
 
     @property
     def joint_thres(self) -> float:

@@ -257,12 +257,13 @@ class MueDecoder(FairseqIncrementalDecoder):
         """One new token per row, with per-row exits and the KV policy for skipped layers.
 
         How exited rows skip work (--dec-compaction; results are the same either way, up to float rounding):
-          * rows (auto on the CPU): each layer runs only the rows still active; rows that exited get the
-            keys/values of the KV policy; a layer no row reaches is skipped. This needs the active rows'
-            count on the host at every layer, which costs nothing on a CPU.
-          * dense (auto on a GPU; always when no row can exit at this step): every layer runs every row and
-            exited rows keep their state (so their keys/values are those of `copy`; `recompute` gives the
-            same values; `drop` masks them): no host sync, worth more on a GPU than the skipped rows.
+          * rows (the default): each layer runs only the rows still active; rows that exited get the
+            keys/values of the KV policy; a layer no row reaches is skipped. It reads the active rows'
+            count on the host at every layer: free on a CPU; on a GPU the skipped layers' launches were
+            worth more than the syncs in the measurements so far (README).
+          * dense (always when no row can exit at this step): every layer runs every row and exited rows
+            keep their state (so their keys/values are those of `copy`; `recompute` gives the same values;
+            `drop` masks them): one host sync per step, none per layer or row, but no layer is skipped.
         Cross-attention keys/values are computed per source (not per beam row), the first time a step
         reaches the layer, and read in place by each source's rows."""
         settings = self.exit_settings
@@ -280,7 +281,7 @@ class MueDecoder(FairseqIncrementalDecoder):
         deciding = rule is not None and rule.enabled(threshold)
         if cross["group"] == "unknown":
             cross["group"] = self._group_size(cross["rows"], cross["enc"].size(0))
-        run = self._compact_layers if deciding and settings.compact_rows(tokens.device) else self._dense_layers
+        run = self._compact_layers if deciding and settings.compact_rows else self._dense_layers
         x, depths, ran, kv_filled, decided = run(self._embed(tokens[:, -1:]), cache, cross, abs_bias, cross_bias,
                                                  length, policy_name, rule if deciding else None, threshold)
         if policy_name == "recompute":
