@@ -60,5 +60,11 @@ def test_dense_layout_syncs_a_fixed_small_number_of_times_per_token():
     place); nothing per layer or per row. The rows layout, for the CPU, syncs per layer (free there)."""
     counts = {(layers, bsz): _syncs_per_step(_model(layers), bsz, 3, "dense") for layers in (6, 12) for bsz in (2, 8)}
     assert all(c == [1] * 5 for c in counts.values()), counts
-    rows = _syncs_per_step(_model(6), 2, 3, "rows")
-    assert max(rows) > 6  # the compacting layout reads the active rows at every layer
+
+
+def test_rows_layout_syncs_once_per_layer_whatever_the_batch():
+    """The default layout reads the active rows' count at each layer (to skip layers no row reaches), plus
+    the grouping check: layers + 1 per step, independent of the rows in the batch."""
+    for layers in (6, 12):
+        for bsz in (2, 8):
+            assert _syncs_per_step(_model(layers), bsz, 3, "rows") == [layers + 1] * 5, (layers, bsz)
