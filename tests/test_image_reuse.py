@@ -163,3 +163,18 @@ def test_grouped_evaluation_orders_pairs_by_image_and_keeps_every_example(tmp_pa
     assert [ids[k] for k in range(0, len(ids), 3)] == [ids[k + 2] for k in range(0, len(ids), 3)]  # adjacent
     batch = grouped.collater([grouped[i] for i in indices[:6]])
     assert batch["net_input"]["image_keys"] == ids[:6]
+
+
+def test_file_order_is_the_flag_users_type():
+    """SNLI-VE groups pairs by image unless `--no-group-by-image` is given (fairseq makes a bool field that
+    defaults to True a flag that turns it off, so the option is a negative one)."""
+    from fairseq import options
+
+    import mue  # noqa: F401  (registers the task)
+
+    def parsed(*extra):
+        return options.parse_args_and_arch(options.get_generation_parser(),
+                                           ["data", "--task", "mue_snli_ve", *extra])
+
+    assert parsed().no_group_by_image is False
+    assert parsed("--no-group-by-image").no_group_by_image is True

@@ -73,10 +73,12 @@ def attached_exits(generator):
 class SnliVeConfig(VisionLanguageConfig):
     add_premise: bool = field(
         default=False, metadata={"help": "use OFA's premise prompt: can image and text1 \" P \" imply text2 \" H \"?"})
-    group_by_image: bool = field(
-        default=True, metadata={"help": "evaluation (validation, fairseq-generate) takes the pairs of one image in "
-                                        "a row, so batches share images and each image is encoded once; every "
-                                        "example is still scored once (--no-group-by-image: file order)"})
+    # a negative flag: fairseq turns a bool field that defaults to True into a flag that sets it False
+    no_group_by_image: bool = field(
+        default=False, metadata={"help": "evaluate the pairs in file order; by default evaluation (validation, "
+                                         "fairseq-generate) takes the pairs of one image in a row, so batches "
+                                         "share images and each image is encoded once (every example is still "
+                                         "scored once either way)"})
 
 
 @register_task("mue_snli_ve", dataclass=SnliVeConfig)
@@ -107,7 +109,7 @@ class SnliVeTask(VisionLanguageTask):
 
     def build_dataset(self, split, reader, is_train):
         return SnliVeDataset(split, reader, self.dict, self.tokenizer, add_premise=self.cfg.add_premise,
-                             group_by_image=self.cfg.group_by_image, **self.dataset_kwargs(is_train))
+                             group_by_image=not self.cfg.no_group_by_image, **self.dataset_kwargs(is_train))
 
     # ---- validation ------------------------------------------------------------------------
     def valid_step(self, sample, model, criterion):
