@@ -162,3 +162,13 @@ def test_cli_generates_lazily_with_fairseq_generate(tmp_path, capsys, one_thread
     records = sorted(p.name for p in (out / "runs").glob("*.json"))
     assert len(records) == 1 + len(tested) and any("_full_" in name for name in records)
     assert "use it: fairseq-generate" in capsys.readouterr().out
+
+
+def test_report_shows_the_calibrated_setting_next_to_the_empirical_pick():
+    dev = snli_records()
+    test = [dict(r, split="test") for r in snli_records()]
+    table = cal.calibration_table(dev, test, "snli_ve", epsilon=0.05, delta=0.1, target=0.99)
+    rows = [line for line in table.splitlines() if line.startswith("| Learn-then-Test") or line.startswith("| dev q")]
+    assert len(rows) == 2
+    assert "| 0.95, 0.95, 0.95 | 0.010 | 0.010 |" in rows[0]
+    assert "30.0" in rows[0]  # its test time reduction

@@ -191,3 +191,49 @@ def risk_on(records: Sequence[dict], task: str, setting: Setting, risk: str = "d
     if not matches:
         raise ValueError(f"no record of run {run!r} at thresholds {setting} for task {task!r}")
     return float(np.mean(example_losses(task, full, matches[0], risk, cider_fraction)))
+
+
+# ----------------------------------------------------------------------------------- report
+def calibration_table(dev_records: Sequence[dict], test_records: Sequence[dict], task: str,
+                      epsilon: float = 0.05, delta: float = 0.1, target: float = 0.99, risk: Optional[str] = None,
+                      run: Optional[str] = "mue", baseline_run: str = "full") -> str:
+    """Markdown: the setting calibrated on dev (risk <= epsilon w.p. >= 1 - delta) next to the empirical
+    `target` pick of the report, each with its dev and test risk, test quality and test cost."""
+    from .records import NoSettingMeetsTarget, number, quality_key, quality_of, select_for_target
+    from .tables import fmt, markdown, pct
+
+    risk = risk or ("cider" if task == "caption" else "differs")
+    key = quality_key(task)
+    dev, test = task_records(dev_records, task), task_records(test_records, task)
+    test_full = find_baseline(test, task, baseline_run)
+    result = calibrate_records(dev, task, epsilon, delta, risk, run=run, baseline_run=baseline_run)
+    picks = [(f"Learn-then-Test, epsilon {epsilon:g}, delta {delta:g}"
+              + (" (nothing passed: full model)" if result.fell_back else ""), result.chosen)]
+    try:
+        chosen = select_for_target(dev, test, task, target, run, baseline_run)
+        picks.append((f"dev quality >= {100 * target:g} % of full (empirical)", setting_of(chosen["dev_record"])))
+    except (NoSettingMeetsTarget, ValueError) as err:
+        picks.append((f"dev quality >= {100 * target:g} % of full: {err}".replace("|", "/"), None))
+    headers = ["choice", "thresholds (img, txt, dec)", f"dev risk ({risk})", f"test risk ({risk})",
+               f"test {key} (% of full)", "test time reduction (%)", "test FLOPs reduction (%)"]
+    rows = []
+    full = (NEVER_EXIT,) * 3
+    for name, setting in picks:
+        if setting is None:
+            rows.append([name] + ["n/a"] * 6)
+            continue
+        rec = test_full if setting == full else next(
+            (r for r in test if (run is None or r["run"] == run) and setting_of(r) == setting), None)
+        dev_risk = risk_on(dev, task, setting, risk, run=run, baseline_run=baseline_run)
+        test_risk = risk_on(test, task, setting, risk, run=run, baseline_run=baseline_run) if rec else None
+        q = quality_of(rec, key) if rec else None
+        q_full = quality_of(test_full, key)
+        rows.append([name, ", ".join(f"{x:g}" for x in setting), fmt(dev_risk, "{:.3f}"), fmt(test_risk, "{:.3f}"),
+                     "n/a" if q is None else f"{q:.4f} ({pct(q / q_full if q_full else None)})",
+                     pct(etr_of(rec)) if rec else "n/a",
+                     pct(number(rec, "exit", "flops_reduction", required=False)) if rec else "n/a"])
+    note = (f"\n\nLearn-then-Test tested {len(result.tested)} setting(s) on {result.n} dev examples, most "
+            f"conservative first, until one failed; the guarantee is that the chosen setting's {risk} risk "
+            f"(share of examples {'whose caption CIDEr-D falls below 0.9 x the full model' if risk == 'cider' else 'whose output differs from the full model'}'s) "
+            f"is <= {epsilon:g}, with probability >= {1 - delta:g} over the draw of the dev split.")
+    return markdown(headers, rows) + note

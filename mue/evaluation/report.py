@@ -14,6 +14,7 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from .calibration import calibration_table
 from .plots import X_AXES, plot_tradeoff
 from .records import format_thresholds, is_never_exit, load_records, validate_record
 from .tables import ablation_table, decomposition_table, target_table, tradeoff_table
@@ -25,6 +26,14 @@ __all__ = ["render_report", "main", "format_thresholds", "is_never_exit"]
 def _slug(text: str) -> str:
     """A file-name-safe form of ``text``."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "x"
+
+
+def _calibration(dev_records, records, task, target, baseline_run) -> str:
+    """The Learn-then-Test section (mue.evaluation.calibration), or why it could not be made."""
+    try:
+        return calibration_table(dev_records, records, task, target=target, baseline_run=baseline_run)
+    except (KeyError, ValueError) as err:  # e.g. records without per-example predictions
+        return f"Not calibrated: {err}"
 
 
 def render_report(records: Sequence[dict], out_dir: str, title: str = "MuE evaluation report",
@@ -60,7 +69,9 @@ def render_report(records: Sequence[dict], out_dir: str, title: str = "MuE evalu
                  "### Runs (ablations)", ablation_table(recs, task, baseline_run=baseline_run, quality=quality)]
         if dev_records and any(r.get("task") == task for r in dev_records):
             body += [f"### Thresholds chosen on dev, reported on {split}",
-                     target_table(dev_records, recs, task, targets, baseline_run=baseline_run, quality=quality)]
+                     target_table(dev_records, recs, task, targets, baseline_run=baseline_run, quality=quality),
+                     f"### Thresholds with a guarantee (calibrated on dev, reported on {split})",
+                     _calibration(dev_records, recs, task, targets[0], baseline_run)]
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n\n".join(body) + "\n")
     return "\n\n".join(headline)
