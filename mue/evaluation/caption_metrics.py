@@ -10,10 +10,12 @@ Two uses, two tools:
     fixed once from the whole split's references is ``mue.evaluation.cider_d.CiderD.from_corpus`` (CIDEr
     computed per batch would use a different table in every batch).
 
-Command line (score a results file written by the caption task, or hypotheses and references):
+Command line (score a record written by ``fairseq-generate --eval-results``, or hypotheses and references):
     python -m mue.evaluation.caption_metrics --results caption_test.json [--out scores.json]
     python -m mue.evaluation.caption_metrics --hyps hyps.json --refs refs.json
-``hyps.json``: {id: caption} or a COCO results list [{"image_id", "caption"}]; ``refs.json``: {id: [captions]}.
+``hyps.json``: {id: caption} or a COCO results list [{"image_id", "caption"}] (what ``--coco-results``
+writes); ``refs.json``: {id: [captions]} or a COCO caption annotation file ({"images", "annotations"}, e.g.
+the synthetic data's ``caption/{split}_refs.json``).
 
 Note: pycocoevalcap's PTB tokenizer and SPICE write temporary files inside the pycocoevalcap package
 folder, which must therefore be writable.
@@ -27,6 +29,8 @@ import math
 import os
 import sys
 from typing import Dict, Hashable, Iterable, List, Optional, Sequence
+
+from .result_files import is_coco_annotations, load_coco_references
 
 logger = logging.getLogger(__name__)
 
@@ -236,19 +240,40 @@ def load_hyps_refs(results: Optional[str] = None, hyps: Optional[str] = None, re
         return ({r["uniq_id"]: r["caption"] for r in rows}, {r["uniq_id"]: r["refs"] for r in rows})
     h, r = _load_json(hyps), _load_json(refs)
     if isinstance(h, list):  # COCO results format
+        if not all(isinstance(x, dict) and "image_id" in x and "caption" in x for x in h):
+            raise SystemExit(f"{hyps}: a COCO results list needs 'image_id' and 'caption' in every entry")
         h = {str(x["image_id"]): x["caption"] for x in h}
+    if not isinstance(h, dict):
+        raise SystemExit(f"{hyps}: expected {{id: caption}} or a COCO results list [{{image_id, caption}}]")
+    if is_coco_annotations(r):
+        try:
+            r = load_coco_references(r, refs)
+        except ValueError as e:
+            raise SystemExit(str(e)) from None
+    elif not isinstance(r, dict):
+        raise SystemExit(f"{refs}: expected {{id: [captions]}} or a COCO annotation file {{images, annotations}}")
     return {str(k): v for k, v in h.items()}, {str(k): v for k, v in r.items()}
 
 
-def main(argv=None):
+def build_parser() -> argparse.ArgumentParser:
+    """The command line's options (see the module doc)."""
     p = argparse.ArgumentParser(description="COCO caption metrics (pycocoevalcap) of generated captions")
-    p.add_argument("--results", help="json written by the mue_caption task (--caption-results)")
-    p.add_argument("--hyps", help="json {id: caption} or COCO results list [{image_id, caption}]")
-    p.add_argument("--refs", help="json {id: [reference captions]}")
+    p.add_argument("--results", help="record written by fairseq-generate --task mue_caption --eval-results FILE")
+    p.add_argument("--hyps", help="json {id: caption} or COCO results list [{image_id, caption}] "
+                                  "(fairseq-generate --coco-results FILE)")
+    p.add_argument("--refs", help="json {id: [reference captions]} or a COCO caption annotation file "
+                                  "{images, annotations} (e.g. the synthetic data's caption/test_refs.json)")
     p.add_argument("--metrics", default=",".join(ALL_METRICS), help=f"comma list of {ALL_METRICS}")
     p.add_argument("--out", help="write the scores as json here")
+    return p
+
+
+def main(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
-    if not args.results and not (args.hyps and args.refs):
+    one_record = bool(args.results) and not (args.hyps or args.refs)
+    two_files = not args.results and bool(args.hyps and args.refs)
+    if not (one_record or two_files):
         p.error("give --results, or both --hyps and --refs")
     hyps, refs = load_hyps_refs(args.results, args.hyps, args.refs)
     scores = compute_caption_metrics(hyps, refs, metrics=[m for m in args.metrics.split(",") if m])

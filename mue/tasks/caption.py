@@ -14,13 +14,15 @@ fairseq-generate: captions are printed as usual (H-/D- lines) and collected by t
 example of the split has a caption, the full COCO metric set (``compute_caption_metrics``: PTB tokenizer,
 BLEU-1..4, METEOR, ROUGE-L, CIDEr, SPICE if installed) is logged, and with ``--eval-results FILE`` the
 captions, references and scores are written there (``python -m mue.evaluation.caption_metrics --results
-FILE`` rescores it). fairseq's own end-of-run BLEU line compares against the first reference only:
-ignore it.
+FILE`` rescores it), and with ``--coco-results FILE`` the captions as the COCO results list that
+pycocotools / OFA's evaluation read (mue.evaluation.result_files). fairseq's own end-of-run BLEU line
+compares against the first reference only: ignore it.
 """
 import json
 import logging
 from argparse import Namespace
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 from fairseq.logging import metrics
@@ -49,6 +51,10 @@ class CaptionConfig(VisionLanguageConfig):
         metadata={"help": "pycocoevalcap metrics computed by fairseq-generate (comma-separated subset of "
                           "bleu,meteor,rouge,cider,spice); METEOR starts a JVM (~9 s), so threshold sweeps "
                           "may leave it out"})
+    coco_results: Optional[str] = field(
+        default=None, metadata={"help": "fairseq-generate: also write the captions as a COCO results list "
+                                        "[{image_id, caption}] to this json file, the file pycocotools' loadRes "
+                                        "and OFA's evaluation read (numeric image ids as integers)"})
 
 
 @register_task("mue_caption", dataclass=CaptionConfig)
@@ -184,3 +190,8 @@ class CaptionTask(VisionLanguageTask):
         logger.info("caption metrics on %s (%d images): %s", split, len(results),
                     ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in scores.items()))
         self.finish_evaluation(split, scores, len(results), results.predictions(), generator)
+        if self.cfg.coco_results:
+            from mue.evaluation.result_files import write_coco_results
+
+            write_coco_results(self.cfg.coco_results, results.predictions())
+            logger.info("COCO results of %s (%d captions) written to %s", split, len(results), self.cfg.coco_results)

@@ -7,12 +7,12 @@ teacher forcing -- the sum of its tokens' log-probabilities, eos included -- and
 (``score_candidates``). Validation scores the answers with the configured exits and logs ``snli_score``
 (accuracy, %) beside the exit summary (``mue_time_reduction`` ...). fairseq-generate prints the chosen
 answer per example (H-/D- lines) and, once the whole split is scored, logs the accuracy and writes
-``--eval-results`` if given.
+``--eval-results`` if given (``--snli-results``: OFA-style predictions, mue.evaluation.result_files).
 """
 import contextlib
 import logging
 from dataclasses import dataclass, field
-from typing import List, Sequence
+from typing import List, Optional, Sequence
 
 import torch
 from fairseq.logging import metrics
@@ -79,6 +79,10 @@ class SnliVeConfig(VisionLanguageConfig):
                                          "fairseq-generate) takes the pairs of one image in a row, so batches "
                                          "share images and each image is encoded once (every example is still "
                                          "scored once either way)"})
+    snli_results: Optional[str] = field(
+        default=None, metadata={"help": "fairseq-generate: also write OFA-style predictions to this json file: "
+                                        "{split, accuracy, n_examples, predictions: [{uniq_id, answer}]} "
+                                        "(answer: the predicted one)"})
 
 
 @register_task("mue_snli_ve", dataclass=SnliVeConfig)
@@ -173,3 +177,8 @@ class SnliVeTask(VisionLanguageTask):
         accuracy = 100.0 * acc["correct"] / n
         logger.info("SNLI-VE %s: accuracy %.2f (%d/%d examples)", split, accuracy, acc["correct"], n)
         self.finish_evaluation(split, {"accuracy": accuracy / 100.0}, n, acc["rows"], generator)
+        if self.cfg.snli_results:
+            from mue.evaluation.result_files import write_snli_ve_predictions
+
+            write_snli_ve_predictions(self.cfg.snli_results, acc["rows"], accuracy / 100.0, split)
+            logger.info("SNLI-VE predictions of %s (%d examples) written to %s", split, n, self.cfg.snli_results)
