@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 from mue.errors import OptionError
+from mue.exiting.stats import reduction_text
 
 GENERATION = (("--beam", int, "beam size (default 5)"),
               ("--max-len-b", int, "at most this many tokens (default 16, OFA's caption evaluation)"),
@@ -90,8 +91,8 @@ def _line(result) -> str:
     e = result.exits
     image = f"image {e.image_layers}/{e.encoder_layers}, " if e.image_layers is not None else ""
     where = (f"[layers: {image}text {e.text_layers}/{e.encoder_layers}, decoder {e.mean_decoder_layers:.1f}/"
-             f"{e.decoder_layers}; time {-100 * e.expected_time_reduction:+.1f} % (Eq. 14), FLOPs "
-             f"{-100 * e.flops_reduction:+.1f} %]")
+             f"{e.decoder_layers}; time reduction {reduction_text(e.expected_time_reduction)} (Eq. 14), FLOPs "
+             f"reduction {reduction_text(e.flops_reduction)}]")
     if hasattr(result, "hypothesis"):
         return f'{result.source}: "{result.hypothesis}" -> {result.answer} ({result.label})  {where}'
     return f"{result.source}: {result.text}  {where}"

@@ -20,6 +20,7 @@ import time
 
 from mue.evaluation import calibration as cal
 from mue.evaluation.records import load_records
+from mue.exiting.stats import reduction_text
 
 TASKS = {"mue_caption": "caption", "mue_snli_ve": "snli_ve", "caption": "caption", "snli_ve": "snli_ve"}
 #: a diagonal from nearly-full to aggressive, plus image-only and text-only exits
@@ -89,14 +90,14 @@ def describe(result: cal.Calibration, seconds: float) -> str:
              "  setting (img,txt,dec)   risk    p-value   passed   time reduction"]
     for t in result.tested:
         lines.append(f"  {','.join(f'{x:g}' for x in t.setting):22s} {t.risk:6.3f}  {t.p_value:9.3g}   "
-                     f"{'yes' if t.passed else 'no ':6s}  {100 * t.expected_time_reduction:5.1f}%")
+                     f"{'yes' if t.passed else 'no ':6s}  {reduction_text(t.expected_time_reduction):>7s}")
     img, txt, dec = result.chosen
     if result.fell_back:
         lines.append("no setting passed: use the full model (thresholds 1)")
     else:
         c = result.chosen_test
         lines.append(f"chosen: {img:g},{txt:g},{dec:g} (calibration risk {c.risk:.3f}, p-value {c.p_value:.3g}, "
-                     f"time reduction {100 * c.expected_time_reduction:.1f}%)")
+                     f"time reduction {reduction_text(c.expected_time_reduction)})")
     lines.append(f"use it: fairseq-generate ... --img-thres {img:g} --txt-thres {txt:g} --dec-thres {dec:g}")
     return "\n".join(lines)
 

@@ -15,6 +15,8 @@ from typing import Optional, Sequence
 
 from PIL import Image
 
+from mue.exiting.stats import reduction_text
+
 THUMBNAIL = 256  # longest side of the embedded pictures, pixels
 # viridis, dark (late exits) to bright (early exits)
 PALETTE = ((0x44, 0x01, 0x54), (0x3b, 0x52, 0x8b), (0x21, 0x91, 0x8c), (0x5e, 0xc9, 0x62), (0xfd, 0xe7, 0x25))
@@ -64,9 +66,10 @@ def _tokens(result) -> str:
 def _stats(e) -> str:
     image = f"image stream {e.image_layers}/{e.encoder_layers}" if e.image_layers is not None else "no image stream"
     return (f"{image} · text stream {e.text_layers}/{e.encoder_layers} · decoder "
-            f"{e.mean_decoder_layers:.1f}/{e.decoder_layers} per token · expected time "
-            f"{-100 * e.expected_time_reduction:+.1f} % (Eq. 14) · FLOPs {e.flops / 1e6:.1f} M of "
-            f"{e.flops_full / 1e6:.1f} M ({-100 * e.flops_reduction:+.1f} %) · {1000 * e.seconds:.0f} ms")
+            f"{e.mean_decoder_layers:.1f}/{e.decoder_layers} per token · expected time reduction "
+            f"{reduction_text(e.expected_time_reduction)} (Eq. 14) · FLOPs {e.flops / 1e6:.1f} M of "
+            f"{e.flops_full / 1e6:.1f} M (FLOPs reduction {reduction_text(e.flops_reduction)}) · "
+            f"{1000 * e.seconds:.0f} ms")
 
 
 def _thumbnail(image) -> str:
@@ -97,14 +100,15 @@ def _word_table(results) -> str:
 def _summary(results, summary: Optional[dict]) -> str:
     spent, full = sum(r.exits.flops for r in results), sum(r.exits.flops_full for r in results)
     if summary is not None and summary.get("expected_time_reduction") is not None:
-        eq14 = f"{-100 * summary['expected_time_reduction']:+.1f} %"
+        eq14 = reduction_text(summary["expected_time_reduction"])
     else:
         mean = sum(r.exits.expected_time_reduction for r in results) / len(results)
-        eq14 = f"{-100 * mean:+.1f} % (mean over examples)"
+        eq14 = f"{reduction_text(mean)} (mean over examples)"
     seconds = sum(r.exits.seconds for r in results)
-    reduction = f"{-100 * (1 - spent / full):+.1f} %" if full else "n/a"
-    return (f'<div class="summary">{len(results)} result(s) against the full model: expected time {eq14} (Eq. 14) · '
-            f"FLOPs {spent / 1e9:.3f} G of {full / 1e9:.3f} G ({reduction}) · wall clock {seconds:.2f} s</div>")
+    reduction = reduction_text(1 - spent / full if full else None)
+    return (f'<div class="summary">{len(results)} result(s) against the full model: expected time reduction {eq14} '
+            f"(Eq. 14) · FLOPs {spent / 1e9:.3f} G of {full / 1e9:.3f} G (FLOPs reduction {reduction}) · "
+            f"wall clock {seconds:.2f} s</div>")
 
 
 def render_html(results: Sequence, images: Optional[Sequence] = None, title: str = "Where each token exited",

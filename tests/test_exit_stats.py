@@ -108,7 +108,7 @@ def test_flops_and_time():
 
 def test_format_table_mentions_numbers():
     table = two_sample_stats().format_table()
-    assert "N_E=6" in table and "-37.5%" in table and "L6:1" in table
+    assert "N_E=6" in table and "time reduction (Eq. 14): 37.5 %" in table and "L6:1" in table
 
 
 def test_fairseq_metrics_sum_over_workers_and_derive_eq14():

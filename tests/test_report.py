@@ -340,3 +340,39 @@ def test_target_table_with_a_zero_quality_full_model_says_na():
     test = [rec("test", 1.0, 0.0, 0.0), rec("test", 0.9, 0.0, 0.3)]
     table = target_table(dev, test, "caption", targets=(0.99,))
     assert "n/a" in table and "0.0000" in table
+
+
+def test_every_printout_writes_a_saving_as_a_positive_time_reduction():
+    """One convention, the paper's ("time reduction 40.2 %"), in the exit summary, sweep lines, the CLI's
+    and the HTML page's lines; no printer negates a reduction or prints a signed percentage."""
+    import glob
+    import os
+    import re
+    from types import SimpleNamespace
+
+    import torch
+
+    from mue.__main__ import _line
+    from mue.evaluation.sweep import summary_line
+    from mue.exiting import ExitStats
+    from mue.exiting.stats import reduction_text
+    from mue.visualize import _stats
+
+    assert reduction_text(0.402) == "40.2 %" and reduction_text(-0.05) == "-5.0 %" and reduction_text(None) == "n/a"
+    stats = ExitStats(6, 6)  # encoder 4.5 of 6 layers, decoder 3 of 6: Eq. 14 = 1 - (0.75 + 0.5) / 2
+    stats.add_encoder(torch.tensor([2, 6]), torch.tensor([4, 6]), 4, torch.tensor([2, 2]))
+    stats.add_decoder(torch.tensor([1, 2, 6]))
+    assert "expected time reduction (Eq. 14): 37.5 %" in stats.format_table()
+    assert "time reduction 66.7 %;" in summary_line(rec("mue", q=1.1, etr=0.667, wall=2.0))
+    exits = SimpleNamespace(image_layers=3, text_layers=4, encoder_layers=6, mean_decoder_layers=3.0,
+                            decoder_layers=6, expected_time_reduction=0.402, flops_reduction=0.147, flops=8.53e6,
+                            flops_full=1e7, seconds=0.01)
+    line = _line(SimpleNamespace(source="a.png", text="a red square", exits=exits))
+    assert "time reduction 40.2 % (Eq. 14), FLOPs reduction 14.7 %" in line
+    assert "expected time reduction 40.2 % (Eq. 14)" in _stats(exits) and "FLOPs reduction 14.7 %" in _stats(exits)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path in glob.glob(os.path.join(root, "mue", "**", "*.py"), recursive=True) + \
+            glob.glob(os.path.join(root, "scripts", "*.py")):
+        text = open(path, encoding="utf-8").read()
+        bad = re.findall(r"-100(?:\.0)? ?\*[^\n]*|\{[^}\n]*:\+\.\d+f\} ?%", text)
+        assert not bad, f"{path}: a reduction printed with another sign convention: {bad}"

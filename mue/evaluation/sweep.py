@@ -21,6 +21,7 @@ import sys
 from typing import Dict, List, Sequence, Tuple
 
 from mue.exiting.config import NEVER_EXIT, validate_threshold
+from mue.exiting.stats import reduction_text
 
 PLUGIN_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #: the setting stored as the full model: no stream ever exits
@@ -89,9 +90,8 @@ def sweep(data: str, task: str, checkpoint: str, out_dir: str, settings: Sequenc
 def summary_line(rec: Dict) -> str:
     quality = ", ".join(f"{k} {v:.4f}" for k, v in rec["metrics"].items() if k in ("CIDEr", "Bleu_4", "accuracy"))
     ex = rec.get("exit") or {}
-    etr = ex.get("expected_time_reduction")
-    etr_text = "n/a" if etr is None else f"{100 * etr:.1f}%"
-    return f"{quality}; time reduction {etr_text}; {ex.get('wall_clock_s', 0):.1f} s"
+    return (f"{quality}; time reduction {reduction_text(ex.get('expected_time_reduction'))}; "
+            f"{ex.get('wall_clock_s', 0):.1f} s")
 
 
 def main(argv=None):
