@@ -124,6 +124,43 @@ def test_reward_of_a_reference_is_highest(data):
     assert rewards[0, 0].item() == pytest.approx(criterion.scorer.score(mine[0], mine), rel=1e-6)
 
 
+def test_special_tokens_and_punctuation_do_not_glue_words_in_the_reward(data):
+    """Crafted samples: <mask>, <unk> and punctuation tokens are word breaks before the reward, and the
+    reward is CIDEr-D of those clean words (decode-then-normalise would glue "amask", "reda")."""
+    task, _, criterion = setup(data)
+    d, tok = task.target_dictionary, task.tokenizer
+
+    def ids(*parts):
+        out = []
+        for part in parts:
+            if part in ("<mask>", "<unk>"):
+                out.append(d.index(part))
+                continue
+            enc = tok.encode(part, d)
+            assert not enc.eq(d.unk()).any(), f"{part!r} is not in the synthetic dictionary"
+            out += enc.tolist()
+        return torch.tensor(out + [d.eos()])
+
+    crafted = {  # sampled tokens -> the words rewarded
+        ("a", "<mask>", " red", " square"): "a red square",
+        ("a", "<unk>", "<mask>", " red", " square"): "a red square",
+        (" red", ",", "a", " square"): "red a square",
+        ("a", " triangle", ",", " two", " circles", "<mask>"): "a triangle two circles",
+        ("<mask>",): "",
+    }
+    glued = tok.decode(ids("a", "<mask>", " red", " square"), d).strip()
+    assert glued == "a<mask> red square"  # what plain decoding gives: normalising it would read "amask"
+    refs = ["a red square", "a triangle two circles and a square"]
+    for parts, words in crafted.items():
+        assert scst.reward_text(tok, d, ids(*parts)) == words, parts
+    # the reward is CIDEr-D of the clean words, computed independently
+    rows = [ids(*parts) for parts in crafted]
+    rewards = criterion.rewards([rows], [refs])
+    expected = [criterion.scorer.score(words, refs) for words in crafted.values()]
+    assert rewards[0].tolist() == pytest.approx(expected, rel=1e-6, abs=1e-7)
+    assert expected[0] > criterion.scorer.score("amask red square", refs)  # gluing changes the reward
+
+
 # ---- forward / backward -----------------------------------------------------------------------
 
 

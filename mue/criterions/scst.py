@@ -10,7 +10,9 @@ model in its own (training) mode, with gradients. sample_size is the number of s
 
 References: the batch's `refs` (validation/test), else for training rows every reference of the row's
 image in its split (`CaptionDataset.references_by_image`, which merges one-caption-per-row files).
-Captions are decoded with the task's tokenizer and normalised as the references (`normalize_text`).
+Captions are decoded with the task's tokenizer and normalised as the references (`normalize_text`), with
+symbols that are not text (<unk>, <mask>, image codes) and punctuation-only tokens read as word breaks
+(`reward_text`), so that a sampled `a<mask>dog` is rewarded as "a dog", not "amaskdog".
 
 CIDEr-D document frequencies come from the TRAINING references (one document per image). With
 `--scst-cider-df FILE`: if FILE exists it is loaded (`CiderD.load_df`: mue's json, or OFA's
@@ -31,6 +33,7 @@ import logging
 import math
 import os
 import pickle
+import string
 from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
@@ -96,6 +99,31 @@ def scst_loss(seq_log_probs: Tensor, rewards: Tensor) -> Tuple[Tensor, Tensor]:
     baseline = leave_one_out_baseline(rewards)
     advantage = (rewards - baseline).detach().to(seq_log_probs.dtype)
     return -(advantage * seq_log_probs).sum(), baseline
+
+
+def reward_text(tokenizer, dictionary, tokens) -> str:
+    """The words a sampled caption is rewarded for: ``tokens`` (dictionary indices) decoded and normalised
+    as the references are (``normalize_text``), except that a symbol that is not text (<unk>, <mask>, an
+    image code or location bin: no BPE id) or a BPE token of punctuation only separates the words around
+    it instead of vanishing between them: ``a<mask>dog`` and ``red,a`` read "a dog" and "red a", where
+    decoding then normalising would glue "amaskdog" and "reda". bos, eos and pad are dropped."""
+    skip = {dictionary.bos(), dictionary.eos(), dictionary.pad()}
+    pieces, run = [], []
+    for index in torch.as_tensor(tokens).tolist():
+        if index in skip:
+            continue
+        symbol = dictionary[index]
+        if symbol.isdigit():
+            text = tokenizer.bpe.bpe.decode([int(symbol)]).strip()
+            if not text or any(c not in string.punctuation for c in text):
+                run.append(index)  # a word, a word piece or whitespace: decoded with its neighbours
+                continue
+        if run:  # a special symbol or punctuation: the words before it end here
+            pieces.append(tokenizer.decode(run, dictionary))
+            run = []
+    if run:
+        pieces.append(tokenizer.decode(run, dictionary))
+    return normalize_text(" ".join(pieces))
 
 
 # ---- CIDEr-D with training document frequencies ---------------------------------------------------
@@ -214,7 +242,7 @@ class ScstCriterion(FairseqCriterion):
 
     def rewards(self, captions: Sequence[Sequence[Tensor]], refs: Sequence[Sequence[str]]) -> Tensor:
         """CIDEr-D [B, k] of each row's caption tokens against that row's references."""
-        texts = [normalize_text(self.task.decode(c)) for row in captions for c in row]
+        texts = [reward_text(self.task.tokenizer, self.task.target_dictionary, c) for row in captions for c in row]
         refs_list = [r for r, row in zip(refs, captions) for _ in row]
         scores = self.scorer.batch_scores(texts, refs_list)
         return torch.from_numpy(np.asarray(scores, dtype=np.float32)).view(len(captions), -1)
