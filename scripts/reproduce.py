@@ -95,6 +95,14 @@ class Stage:
     lr: float
 
 
+def freeze_options(pretrained: bool) -> List[str]:
+    """--freeze-embeddings only for a run that starts from pretrained (OFA) weights, as OFA's caption
+    recipe: the embedding is tied to the output projection, so frozen from scratch it would stay a random
+    output layer. scripts/train/caption_stage*.sh and configs/caption_stage*.yaml follow the same rule
+    (tests/test_train_scripts.py checks all three)."""
+    return ["--freeze-embeddings"] if pretrained else []
+
+
 def real_stages(task: str, args) -> List[Stage]:
     """The MuE reference runs (docs/OFA.md, "MuE reference runs")."""
     def common(dropout):
@@ -108,7 +116,8 @@ def real_stages(task: str, args) -> List[Stage]:
                                                   "--maximize-best-checkpoint-metric"],
                       args.epochs or 5, args.batch_size or 8, args.lr or 5e-5)]
     cider = ["--eval-cider", "--eval-args", '{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}',
-             "--best-checkpoint-metric", "cider", "--maximize-best-checkpoint-metric", "--freeze-embeddings"]
+             "--best-checkpoint-metric", "cider", "--maximize-best-checkpoint-metric",
+             *freeze_options(bool(args.ofa_checkpoint))]
     # stage 1: cross-entropy (OFA's drop-worst is not implemented: every token is trained on)
     stages = [Stage("stage1", common("0.1") + cider + ["--criterion", "mue", "--label-smoothing", "0.1"],
                     args.epochs or 5, args.batch_size or 8, args.lr or 1e-5)]
@@ -120,10 +129,11 @@ def real_stages(task: str, args) -> List[Stage]:
 
 
 def synthetic_stages(task: str, args) -> List[Stage]:
-    """mue_ofa_micro from scratch on the shape scenes (the demo's recipe); no validation, last checkpoint."""
+    """mue_ofa_micro from scratch on the shape scenes (the demo's recipe); no validation, last checkpoint;
+    the embeddings train (``freeze_options(False)``)."""
     options = ["--arch", "mue_ofa_micro", "--patch-image-size", str(args.image_size), "--num-codes", "0",
                "--num-bins", "0", "--criterion", "mue", "--dropout", "0.1", "--disable-validation",
-               "--label-smoothing", "0.1" if task == "caption" else "0.0"]
+               "--label-smoothing", "0.1" if task == "caption" else "0.0", *freeze_options(False)]
     epochs = args.epochs or (4 if task == "caption" else 6)
     return [Stage(task, options, epochs, args.batch_size or 32, args.lr or 1e-3)]
 

@@ -7,10 +7,12 @@
   agreement with the yaml configs; the scripts' clear errors;
 * fairseq-hydra-train with configs/snli_ve_synthetic.yaml for two updates.
 """
+import logging
 import math
 import os
 import subprocess
 import sys
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -65,8 +67,9 @@ def synthetic_data(tmp_path_factory):
 def stage1(synthetic_data, tmp_path_factory):
     save = tmp_path_factory.mktemp("stage1")
     result = run_script("caption_stage1.sh", "--synthetic", synthetic_data, save, "--max-update", "2",
-                        EPOCHS=1, BATCH_SIZE=4)
+                        "--save-interval-updates", "1", EPOCHS=1, BATCH_SIZE=4)  # checkpoints after updates 1, 2
     check_ok(result)
+    assert "--freeze-embeddings" not in result.stdout + result.stderr  # neither given nor warned about
     return save
 
 
@@ -88,13 +91,77 @@ def test_snli_ve_synthetic_makes_data_and_a_checkpoint(tmp_path):
 
 
 def test_caption_stage1_synthetic_writes_a_checkpoint(stage1):
-    state = load(stage1 / "checkpoint_best.pt")
-    cfg = state["cfg"]
-    assert state["optimizer_history"][-1]["num_updates"] == 2
+    assert load(stage1 / "checkpoint_last.pt")["optimizer_history"][-1]["num_updates"] == 2
+    cfg = load(stage1 / "checkpoint_best.pt")["cfg"]
     assert cfg["task"]["_name"] == "mue_caption" and cfg["task"]["eval_cider"]
     assert cfg["criterion"]["_name"] == "mue" and cfg["criterion"]["label_smoothing"] == 0.1
-    assert cfg["model"]["freeze_embeddings"] is True
+    assert cfg["model"]["freeze_embeddings"] is False  # from scratch: the embeddings train
     assert cfg["checkpoint"]["best_checkpoint_metric"] == "cider"
+
+
+EMBEDDING = "encoder.embed_tokens.weight"  # shared by encoder, decoder and the output projection
+
+
+def test_caption_stage1_synthetic_trains_the_tied_embedding(stage1):
+    """From scratch, the embedding (tied to the output layer) must move: a frozen one stays random."""
+    first, second = load(stage1 / "checkpoint_1_1.pt"), load(stage1 / "checkpoint_last.pt")
+    assert first["optimizer_history"][-1]["num_updates"] == 1 and second["optimizer_history"][-1]["num_updates"] == 2
+    assert not torch.equal(first["model"][EMBEDDING], second["model"][EMBEDDING])
+    assert torch.equal(second["model"][EMBEDDING], second["model"]["decoder.output_projection.weight"])
+
+
+def test_the_real_recipes_freeze_keeps_the_embedding(stage1, synthetic_data, fake_run, tmp_path, caplog):
+    """The real-data recipe's --freeze-embeddings, fine-tuning loaded weights (here stage 1's, at the micro
+    size), leaves the embedding bit-identical, without the from-scratch warning."""
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train
+
+    argv = fake_run("caption_stage1.sh")
+    assert "--freeze-embeddings" in argv and option(argv, "--finetune-from-model") == str(fake_run.ckpt)
+    start = stage1 / "checkpoint_last.pt"
+    save = tmp_path / "frozen"
+    cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), [
+        str(synthetic_data / "caption"), "--task", "mue_caption", "--arch", "mue_ofa_micro", "--patch-image-size",
+        "64", "--num-codes", "0", "--num-bins", "0", "--freeze-embeddings", "--finetune-from-model", str(start),
+        "--criterion", "mue", "--label-smoothing", "0.1", "--optimizer", "adam", "--lr", "1e-3", "--max-update", "1",
+        "--batch-size", "4", "--cpu", "--num-workers", "0", "--disable-validation", "--save-dir", str(save),
+        "--no-epoch-checkpoints", "--seed", "1"]))
+    torch.set_num_threads(1)
+    with caplog.at_level(logging.WARNING):
+        train.main(cfg)
+    after, before = load(save / "checkpoint_last.pt")["model"], load(start)["model"]
+    assert torch.equal(after[EMBEDDING], before[EMBEDDING])
+    assert not torch.equal(after["decoder.layers.0.fc1.weight"], before["decoder.layers.0.fc1.weight"])  # trained
+    assert "--freeze-embeddings" not in caplog.text
+
+
+def test_freezing_a_randomly_initialised_embedding_is_warned_about(synthetic_data, tmp_path, caplog):
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    from mue.models.pretrained_start import pretrained_start
+
+    def build(*extra):
+        cfg = convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), [
+            str(synthetic_data / "caption"), "--task", "mue_caption", "--arch", "mue_ofa_micro", "--num-codes", "0",
+            "--num-bins", "0", "--save-dir", str(tmp_path / "save"), *extra]))
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            model = tasks.setup_task(cfg.task).build_model(cfg.model)
+        return cfg, model, [r.getMessage() for r in caplog.records if "--freeze-embeddings" in r.getMessage()]
+
+    cfg, model, warned = build("--freeze-embeddings")
+    assert pretrained_start(cfg.model) == "" and not model.encoder.embed_tokens.weight.requires_grad
+    assert len(warned) == 1 and "random initialisation" in warned[0] and "--finetune-from-model" in warned[0]
+    ckpt = tmp_path / "pretrained.pt"
+    ckpt.write_bytes(b"x")
+    for extra in (["--finetune-from-model", str(ckpt)], ["--restore-file", str(ckpt)], []):
+        freeze = ["--freeze-embeddings"] if extra else []
+        assert build(*freeze, *extra)[2] == [], extra
+    (tmp_path / "save").mkdir()
+    (tmp_path / "save" / "checkpoint_last.pt").write_bytes(b"x")  # a resumed run: its start decided
+    assert build("--freeze-embeddings")[2] == []
 
 
 def test_caption_stage2_synthetic_from_stage1(stage1, synthetic_data, tmp_path):
@@ -138,7 +205,17 @@ def fake_run(tmp_path):
         check_ok(result)
         return record.read_text().splitlines()
 
+    def synthetic(script, **extra):
+        """The --synthetic run's argv (data already in place, so nothing is generated)."""
+        result = run_script(script, "--synthetic", data, tmp_path / "save", **env, **extra)
+        check_ok(result)
+        return record.read_text().splitlines()
+
+    (data / "dict.txt").write_text("")
+    (data / "caption").mkdir()
+    (data / "caption" / "train.tsv").write_text("row\n" * 64)
     run.ckpt = ckpt
+    run.synthetic = synthetic
     return run
 
 
@@ -182,6 +259,37 @@ def test_full_run_arguments_and_yaml_agree(fake_run, script, lr, epochs, batch, 
         assert y.criterion.label_smoothing == float(option(argv, "--label-smoothing"))
     else:
         assert y.criterion.scst_samples == int(option(argv, "--scst-samples")) == 5
+
+
+def test_freeze_embeddings_only_where_a_recipe_starts_from_pretrained_weights(fake_run):
+    """One rule for the three copies of the caption recipes (shell, yaml, scripts/reproduce.py, whose
+    ``freeze_options`` states it): --freeze-embeddings exactly when the run fine-tunes OFA's weights."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import reproduce
+
+    for script in ("caption_stage1.sh", "caption_stage2.sh"):
+        real = fake_run(script)
+        assert "--freeze-embeddings" in real and "--finetune-from-model" in real, script
+        synthetic = fake_run.synthetic(script)
+        assert "--freeze-embeddings" not in synthetic and "--arch" in synthetic, script
+    stage1 = fake_run.ckpt.parent / "stage1.pt"
+    stage1.write_bytes(b"x")
+    chained = fake_run.synthetic("caption_stage2.sh", FINETUNE_FROM=stage1)  # still a from-scratch chain
+    assert option(chained, "--finetune-from-model") == str(stage1) and "--freeze-embeddings" not in chained
+    for name in ("caption_stage1", "caption_stage2", "caption_stage1_synthetic", "caption_stage2_synthetic"):
+        y = OmegaConf.load(CONFIGS / f"{name}.yaml")
+        from_ofa = OmegaConf.is_missing(y.checkpoint, "finetune_from_model")  # the user must give OFA's weights
+        assert y.model.freeze_embeddings == from_ofa == (not name.endswith("synthetic")), name
+        assert reproduce.freeze_options(from_ofa) == (["--freeze-embeddings"] if from_ofa else []), name
+
+    def stages(ofa_checkpoint, synthetic=False):
+        args = Namespace(ofa_checkpoint=ofa_checkpoint, epochs=None, batch_size=None, lr=None, scst_epochs=None,
+                         scst_ce_weight=0.0, image_size=64)
+        made = reproduce.synthetic_stages("caption", args) if synthetic else reproduce.real_stages("caption", args)
+        return ["--freeze-embeddings" in st.options for st in made]
+
+    assert stages("ofa.pt") == [True, True]  # stage 1 and stage 2 keep OFA's embeddings
+    assert stages(None) == [False, False] and stages(None, synthetic=True) == [False]
 
 
 def test_full_run_on_two_gpus_uses_torchrun(fake_run):

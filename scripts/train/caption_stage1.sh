@@ -15,7 +15,9 @@
 # criterion has no such option, so this run trains on every token. Results can differ slightly from OFA's.
 # The best checkpoint (by validation CIDEr) is SAVE_DIR/checkpoint_best.pt: the input of caption_stage2.sh.
 # --synthetic: mue_ofa_micro from scratch on a synthetic benchmark (generated into DATA_DIR if missing),
-# 64 px, CPU, 2 epochs, validation beam 2: a small CPU version of the same run.
+# 64 px, CPU, 2 epochs, validation beam 2: a small CPU version of the same run, except that the token
+# embeddings train: --freeze-embeddings keeps pretrained (OFA) embeddings, and the embedding is tied to the
+# output projection, so frozen from scratch it would stay a random output layer.
 # Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, SYN_NUM_* (see common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
@@ -26,16 +28,18 @@ if [[ "$SYNTHETIC" == 1 ]]; then
     DATA="$DATA_DIR/caption"
     EPOCHS="${EPOCHS:-2}"
     EVAL_ARGS='{"beam": 2, "max_len_b": 16, "no_repeat_ngram_size": 3}'
+    FREEZE=()  # from scratch: the tied embedding / output layer must learn
 else
     DATA="$DATA_DIR"
     EPOCHS="${EPOCHS:-5}"
     EVAL_ARGS='{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}'
+    FREEZE=(--freeze-embeddings)  # OFA's pretrained embeddings stay as they are
 fi
 schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
 optimization_args
 
 launch "$DATA" --task mue_caption "${RUN[@]}" "${OPTIM[@]}" \
-    --max-src-length 80 --max-tgt-length 20 --freeze-embeddings \
+    --max-src-length 80 --max-tgt-length 20 "${FREEZE[@]}" \
     --criterion mue --label-smoothing 0.1 \
     --dropout 0.1 --attention-dropout 0.0 --encoder-drop-path-rate 0.1 --decoder-drop-path-rate 0.1 \
     --eval-cider --eval-args "$EVAL_ARGS" \

@@ -17,6 +17,7 @@
 # cross-entropy on the ground truth, to keep every decoder layer a usable exit.
 # --synthetic: mue_ofa_micro on a synthetic benchmark (generated into DATA_DIR if missing), 64 px, CPU,
 # 1 epoch; from scratch, or from FINETUNE_FROM (e.g. a synthetic stage-1 checkpoint_best.pt) when set.
+# Its token embeddings train (no --freeze-embeddings): the chain starts from scratch, not from OFA's weights.
 # Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, SYN_NUM_* (see common.sh), CIDER_DF,
 # SCST_CE_WEIGHT, FINETUNE_FROM (synthetic only).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
@@ -32,18 +33,20 @@ if [[ "$SYNTHETIC" == 1 ]]; then
         [[ -f "$FINETUNE_FROM" ]] || die "FINETUNE_FROM checkpoint not found: $FINETUNE_FROM"
         RUN+=(--finetune-from-model "$FINETUNE_FROM")
     fi
+    FREEZE=()  # the synthetic chain starts from scratch: its embeddings are not pretrained
 else
     DATA="$DATA_DIR"
     EPOCHS="${EPOCHS:-3}"
     BATCH_SIZE="${BATCH_SIZE:-2}"
     EVAL_ARGS='{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}'
+    FREEZE=(--freeze-embeddings)  # OFA's pretrained embeddings stay as they are
 fi
 schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
 optimization_args
 mkdir -p "$SAVE_DIR"
 
 launch "$DATA" --task mue_caption "${RUN[@]}" "${OPTIM[@]}" \
-    --max-src-length 80 --max-tgt-length 20 --freeze-embeddings \
+    --max-src-length 80 --max-tgt-length 20 "${FREEZE[@]}" \
     --criterion mue_scst --scst-samples 5 --scst-cider-df "${CIDER_DF:-$SAVE_DIR/cider_d_df.json}" \
     --scst-ce-weight "${SCST_CE_WEIGHT:-0}" \
     --dropout 0.0 --attention-dropout 0.0 --encoder-drop-path-rate 0.0 --decoder-drop-path-rate 0.0 \
