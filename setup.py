@@ -8,7 +8,18 @@ setup(
     "unified vision-language models, as a fairseq plugin",
     license="MIT",
     python_requires=">=3.10",
-    packages=find_packages(include=["mue", "mue.*"]),
+    # configs/ (the fairseq-hydra-train recipes) ships as mue/configs, where mue-hydra-train finds it
+    packages=find_packages(include=["mue", "mue.*"]) + ["mue.configs"],
+    package_dir={"mue.configs": "configs"},
+    package_data={"mue.configs": ["*.yaml"]},
+    entry_points={
+        "console_scripts": [  # fairseq's tools with this plugin as --user-dir (mue/cli.py)
+            "mue-train = mue.cli:train",
+            "mue-generate = mue.cli:generate",
+            "mue-validate = mue.cli:validate",
+            "mue-hydra-train = mue.cli:hydra_train",
+        ],
+    },
     install_requires=[
         "torch==2.14.1",
         "torchvision==0.29.1",
@@ -20,6 +31,7 @@ setup(
         "pillow",
         "numpy>=1.24,<3",
         "matplotlib",
+        "scipy",  # binomial tail of the calibration p-values (mue.evaluation.calibration)
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
 )

@@ -231,7 +231,8 @@ def test_apply_twice_is_harmless():
     compat.apply()
     compat._APPLIED = False  # force every patch function to run again
     compat.apply()
-    assert compat.ORIGINALS == patched and len(patched) == 6
+    assert compat.ORIGINALS == patched and len(patched) >= 8  # the six of sections 1-6, section 9's two
+    assert {"fairseq.utils.import_user_module", "fairseq_cli.generate.main"} <= set(patched)
     assert (data_utils.batch_by_size, distributed_utils.infer_init_method,
             distributed_utils._infer_torch_distributed_launch_init, sys.excepthook) == current
     assert len(torch.serialization.get_safe_globals()) == n_globals

@@ -3,6 +3,9 @@
 What the base owns:
   * ``VisionLanguageConfig``: data location and format, text/image sizes, dictionary; it inherits the
     inference exit knobs from ``mue.exiting.config.ExitConfig`` (their one owner), validated at setup;
+  * the options a checkpoint needs to be rebuilt (``REBUILD_DEFAULTS``: codes, bins, image size, lengths,
+    imitation heads; SNLI-VE's premise prompt): fairseq-generate takes them from the checkpoint unless
+    given, and refuses a given value that contradicts it (``adopt_checkpoint_options``);
   * ``setup_task``: one dictionary for source and target (``build_ofa_dictionary``: OFA's dict.txt or the
     data's own), the GPT-2 BPE ``Tokenizer``, a check that the task's prompt and answers are in the dict;
   * ``load_dataset``: picks the reader by ``--data-format`` and wraps it in the task's dataset;
@@ -24,7 +27,7 @@ from typing import Optional
 from fairseq.logging import metrics
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import FairseqTask
-from omegaconf import II
+from omegaconf import II, OmegaConf
 
 from mue.data.dictionary import build_ofa_dictionary
 from mue.data.readers import CocoCaptionJson, DataError, OfaCaptionTsv, SnliVeJsonl
@@ -61,14 +64,25 @@ class VisionLanguageConfig(ExitConfig):
     dict_file: Optional[str] = field(
         default=None, metadata={"help": "fairseq dict.txt of BPE ids (OFA's works); default {data}/dict.txt "
                                         "or {data}/../dict.txt"})
-    num_codes: int = field(default=8192, metadata={"help": "image-code symbols appended to the dictionary"})
-    num_bins: int = field(default=1000, metadata={"help": "location-bin symbols appended to the dictionary"})
-    max_src_length: int = field(default=80, metadata={"help": "max words of source text (hypothesis, premise)"})
-    max_tgt_length: int = field(default=20, metadata={"help": "max words of a target caption"})
-    patch_image_size: int = field(default=480, metadata={"help": "images are resized to this square side"})
-    imitation_hidden: int = field(
-        default=0, metadata={"help": "hidden size of each imitation head (--exit-policy imitation; 0: the model "
-                                     "dimension)"})
+    # the options of REBUILD_DEFAULTS: None means "not given" (see there)
+    num_codes: Optional[int] = field(
+        default=None, metadata={"help": "image-code symbols appended to the dictionary (default 8192; "
+                                        "fairseq-generate: the checkpoint's)"})
+    num_bins: Optional[int] = field(
+        default=None, metadata={"help": "location-bin symbols appended to the dictionary (default 1000; "
+                                        "fairseq-generate: the checkpoint's)"})
+    max_src_length: Optional[int] = field(
+        default=None, metadata={"help": "max words of source text (hypothesis, premise) (default 80; "
+                                        "fairseq-generate: the checkpoint's)"})
+    max_tgt_length: Optional[int] = field(
+        default=None, metadata={"help": "max words of a target caption (default 20; fairseq-generate: the "
+                                        "checkpoint's)"})
+    patch_image_size: Optional[int] = field(
+        default=None, metadata={"help": "images are resized to this square side (default 480; fairseq-generate: "
+                                        "the checkpoint's)"})
+    imitation_hidden: Optional[int] = field(
+        default=None, metadata={"help": "hidden size of each imitation head (--exit-policy imitation; 0, the "
+                                        "default: the model dimension; fairseq-generate: the checkpoint's)"})
     image_cache_size: int = field(
         default=0, metadata={"help": "keep the image stream of this many recent images across batches (by image "
                                      "id), for data that asks about an image in several batches (0: off)"})
@@ -85,6 +99,86 @@ class VisionLanguageConfig(ExitConfig):
                                          "'w/o layer-wise loss'); reports group curves by it"})
     train_subset: str = II("dataset.train_subset")
     seed: int = II("common.seed")
+
+
+#: Task options that decide how a trained model is rebuilt and fed: the vocabulary layout (image codes,
+#: location bins), the image size, the text lengths and the size of the imitation heads. Their fields
+#: default to None, "not given", so that a value typed on the command line, even the default's, is told
+#: apart from an absent one (comparing with the default could not). ``setup_task`` fills these defaults
+#: into what is still None; before that, fairseq-generate fills in what the checkpoint was trained with
+#: (``adopt_checkpoint_options``, called by mue.compat's patch ``checkpoint_task_options``).
+REBUILD_DEFAULTS = {"num_codes": 8192, "num_bins": 1000, "patch_image_size": 480, "max_src_length": 80,
+                    "max_tgt_length": 20, "imitation_hidden": 0}
+#: on/off options of the same kind (SNLI-VE's premise prompt). Off is also what an absent flag gives, so
+#: only "on" counts as given.
+REBUILD_FLAGS = ("add_premise",)
+COMMAND_LINE = "the command line"
+
+
+def fill_rebuild_defaults(cfg) -> None:
+    """Put REBUILD_DEFAULTS into the options of ``cfg`` that are still None.
+
+    Also into the task node of the full config that ``cfg`` was copied from: fairseq's ``setup_task`` hands
+    the task a merged copy whose parent is the full config, and it is that full config which fairseq-train
+    (and fairseq-hydra-train) save into checkpoints, so checkpoints carry the values, not None.
+    """
+    filled = {}
+    for name, default in REBUILD_DEFAULTS.items():
+        if getattr(cfg, name, None) is None:
+            setattr(cfg, name, default)
+            filled[name] = default
+    parent = cfg._get_parent() if filled and OmegaConf.is_config(cfg) else None
+    source = parent.get("task") if OmegaConf.is_dict(parent) else None
+    if OmegaConf.is_dict(source) and source is not cfg and source.get("_name") == cfg.get("_name"):
+        for name, value in filled.items():
+            if name in source and source[name] is None:
+                source[name] = value
+
+
+def _spell(name: str, value) -> str:
+    option = "--" + name.replace("_", "-")
+    if name in REBUILD_FLAGS:
+        return option if value else f"no {option}"
+    return f"{option} {value}"
+
+
+def adopt_checkpoint_options(cfg, saved, source: str, origin: Optional[dict] = None) -> list:
+    """Give ``cfg`` (a task config not set up yet) the rebuild options of ``saved`` (the task config a
+    checkpoint was trained with, a mapping) that ``cfg`` does not give; return the names taken.
+
+    ``source`` names the checkpoint; ``origin`` ({name: where its value came from}, updated here) tells
+    what gave each value of ``cfg`` so far (absent: the command line), so that the checkpoints of an
+    ensemble are checked against each other too. A value given that differs from the saved one is an
+    OptionError naming the option and both values: that model cannot be rebuilt with it (codes, bins,
+    heads: other shapes) or would be fed inputs unlike those it learned from (image size, lengths, prompt).
+    A saved None or a missing entry (a checkpoint older than the option) counts as the default.
+    """
+    origin = {} if origin is None else origin
+    taken, conflicts = [], []
+    names = [*REBUILD_DEFAULTS, *(f for f in REBUILD_FLAGS if hasattr(cfg, f))]
+    for name in names:
+        flag = name in REBUILD_FLAGS
+        value = saved.get(name) if hasattr(saved, "get") else None
+        if value is None:
+            value = False if flag else REBUILD_DEFAULTS[name]
+        value = bool(value) if flag else int(value)
+        current = getattr(cfg, name, None)
+        given = bool(current) if flag else current is not None
+        if not given:
+            setattr(cfg, name, value)
+            origin[name] = source
+            taken.append(name)
+        elif (bool(current) if flag else int(current)) != value:
+            where = origin.get(name, COMMAND_LINE)
+            if where == COMMAND_LINE:
+                conflicts.append(f"{_spell(name, current)} contradicts {source}, which was trained with "
+                                 f"{_spell(name, value)} (leave the option out to use the checkpoint's)")
+            else:
+                conflicts.append(f"{where} was trained with {_spell(name, current)}, {source} with "
+                                 f"{_spell(name, value)}: the checkpoints of an ensemble must agree")
+    if conflicts:
+        raise OptionError("; ".join(conflicts))
+    return taken
 
 
 def validate_task_options(cfg) -> None:
@@ -144,8 +238,16 @@ class VisionLanguageTask(FairseqTask):
         self.tokenizer = tokenizer
         self._eval_progress = {}
 
+    # what a checkpoint needs to be rebuilt: the hook of mue.compat's checkpoint_task_options
+    adopt_checkpoint_options = staticmethod(adopt_checkpoint_options)
+
     @classmethod
     def setup_task(cls, cfg: VisionLanguageConfig, **kwargs):
+        from mue import compat
+
+        while compat.NOTES:  # what fairseq-generate took from the checkpoint (logging is set up by now)
+            logger.info(compat.NOTES.pop(0))
+        fill_rebuild_defaults(cfg)
         validate_task_options(cfg)
         if not cfg.data:
             raise DataError(f"task {cls.__name__}: the data directory (first positional argument) is required")
@@ -293,6 +395,10 @@ class VisionLanguageTask(FairseqTask):
     def build_model(self, cfg, from_checkpoint=False):
         """fairseq's model, plus the imitation heads (``decoder.exit_heads``) under --exit-policy imitation."""
         model = super().build_model(cfg, from_checkpoint)
+        if not from_checkpoint:  # a model to train: --freeze-embeddings must have pretrained weights to keep
+            from mue.models.pretrained_start import warn_if_frozen_from_scratch
+
+            warn_if_frozen_from_scratch(cfg)
         if self.cfg.exit_policy == "imitation":
             attach_imitation_heads(model, self.cfg.imitation_hidden)
         return model
