@@ -18,6 +18,18 @@ see docs/PATCHES.md):
    also when torch re-raises it from a DataLoader worker or a spawned worker; MUE_DEBUG=1 keeps the
    traceback.
 6. `task_options_in_help`: fairseq's `--help` omits the options of the chosen task, model and criterion.
+8. Crash-safe checkpoints and distributed loading (tests in tests/test_resume.py, tests/test_distributed.py):
+   `crash_safe_checkpoints` (checkpoint_last.pt / checkpoint_best.pt copied atomically: temporary file,
+   fsync, os.replace), `resume_from_intact_checkpoint` (a damaged checkpoint_last.pt: resume from the
+   newest intact checkpoint with a warning naming both, or one line saying what to do; any unreadable
+   checkpoint, or an optimizer state of other trainable parameters, is an error naming the file),
+   `finished_run_stays_finished` (restarting a run that reached
+   --max-update trains nothing; installed at the checkpoint load), and `_TensorPlaceholder` in patch 1's
+   allow-list (rank 0 broadcasts the loaded checkpoint as a pickle that the other ranks load).
+9. Use from an installed package: `quiet_third_party_imports` (fairseq's import-time FutureWarnings and
+   tensorboardX line; run first), `one_plugin_copy` (--user-dir to another copy of an imported mue),
+   `checkpoint_task_options` (fairseq-generate takes the task options a checkpoint needs from the
+   checkpoint; a contradicting option is a one-line error).
 
 Distributed training on the CPU, what works after these patches:
 - torchrun --nproc-per-node N fairseq-train ... --cpu --distributed-world-size N
@@ -36,13 +48,14 @@ import contextlib
 import logging
 import os
 import pathlib
+import shutil
 import sys
 import typing
 
 import numpy as np
 import torch
 
-from mue.errors import user_message
+from mue.errors import UserError, user_message
 
 logger = logging.getLogger(__name__)
 
@@ -76,8 +89,12 @@ def fairseq_checkpoint_globals() -> list:
       what a pickled DictConfig cfg consists of.
     - pathlib paths (PathNode values), numpy scalars and dtypes (metric values such as
       `best`/`val_loss` can be numpy floats).
+    - fairseq's `_TensorPlaceholder` (a frozen dataclass holding one int): in multi-process training
+      rank 0 reads the checkpoint and `distributed_utils.broadcast_object` sends it to the other ranks
+      as a pickle with each tensor replaced by a placeholder, which those ranks `torch.load` (section 8).
     All of these only build data; none runs code chosen by the file.
     """
+    from fairseq.distributed.utils import _TensorPlaceholder
     from omegaconf import DictConfig, ListConfig, nodes
     from omegaconf.base import ContainerMetadata, Metadata
 
@@ -111,6 +128,7 @@ def fairseq_checkpoint_globals() -> list:
         numpy_scalar,
         np.dtype,
         *numpy_dtype_classes,
+        _TensorPlaceholder,
     ]
 
 
@@ -369,11 +387,505 @@ def task_options_in_help() -> None:
     _replace(options, "parse_args_and_arch", _parse_args_and_arch_with_full_help)
 
 
+# --------------------------------------------------------------------------------------------
+# 8. crash-safe checkpoints and distributed loading
+# --------------------------------------------------------------------------------------------
+
+
+class DamagedCheckpointError(UserError):
+    """A checkpoint file cannot be read (truncated, half-written, not a checkpoint); the message names it."""
+
+
+class OptimizerStateMismatchError(UserError):
+    """A checkpoint's optimizer state does not fit the trainable parameters; the message names the file."""
+
+
+def _fsync_directory(path: str) -> None:
+    """Make a rename inside directory `path` durable (skipped where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_output(path):
+    """Write `path` all at once: yields `path + ".tmp"` opened for binary writing, then flushes, fsyncs
+    and `os.replace`s it onto `path`. An error or a kill before the rename leaves `path` as it was (a
+    leftover `.tmp` is overwritten by the next write); an error removes the temporary file."""
+    path = os.fspath(path)
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+    _fsync_directory(os.path.dirname(os.path.abspath(path)))
+
+
+def _atomic_copy(src_path: str, dst_path: str, overwrite: bool = False) -> bool:
+    """fairseq's PathManager.copy for local files, through `atomic_output`."""
+    from fairseq.file_io import PathManager
+
+    if PathManager.path_requires_pathmanager(src_path) or PathManager.path_requires_pathmanager(dst_path):
+        return PathManager.copy(src_path, dst_path, overwrite=overwrite)
+    if not overwrite and os.path.exists(dst_path):
+        return False
+    with open(src_path, "rb") as src, atomic_output(dst_path) as dst:
+        shutil.copyfileobj(src, dst, 16 << 20)
+    return True
+
+
+def _torch_persistent_save_durable(obj, filename, async_write: bool = False):
+    """fairseq's torch_persistent_save, with the temporary file fsynced before its rename."""
+    from fairseq.file_io import PathManager
+
+    if async_write or not PathManager.supports_rename(filename):
+        return ORIGINALS["fairseq.checkpoint_utils.torch_persistent_save"](obj, filename, async_write)
+    with atomic_output(filename) as f:
+        torch.save(obj, f)
+
+
+def crash_safe_checkpoints() -> None:
+    """Checkpoint files are either the old or the new file, never a part of one.
+
+    Breaks: fairseq-train writes the first checkpoint of a save (e.g. checkpoint_1_40.pt) to a
+    `.tmp` file and renames it, but fills the others (checkpoint_best.pt, checkpoint_last.pt) with
+    `PathManager.copy`, a plain `shutil.copyfile` onto the old file: killed during that copy (OOM
+    killer, job time limit, Ctrl-C twice), checkpoint_last.pt stays truncated and every later resume
+    fails. The renamed file is not fsynced either, so after a power loss the rename may point at
+    unwritten data.
+    Fix: `fairseq.checkpoint_utils` gets a PathManager subclass whose `copy` of local files goes
+    through `atomic_output` (copy into `DST.tmp` in the same folder, fsync, os.replace, fsync the
+    folder), and a `torch_persistent_save` that saves through `atomic_output` as well. Remote paths
+    (iopath handlers) and --write-checkpoints-asynchronously keep fairseq's code.
+    """
+    from fairseq import checkpoint_utils
+    from fairseq.file_io import PathManager
+
+    class CrashSafePathManager(PathManager):
+        """fairseq's PathManager, with `copy` made atomic for local files (mue.compat)."""
+
+        copy = staticmethod(_atomic_copy)
+
+    _replace(checkpoint_utils, "PathManager", CrashSafePathManager)
+    _replace(checkpoint_utils, "torch_persistent_save", _torch_persistent_save_durable)
+
+
+def _first_line(err: BaseException) -> str:
+    """The first sentence of an error message (torch's go on with advice that does not fit one line)."""
+    text = str(err).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(err).__name__
+
+
+def _is_damage(err: BaseException) -> bool:
+    """Whether a torch.load error means the bytes are incomplete or not a checkpoint (rather than a
+    refused global, a missing file or a bug)."""
+    import pickle
+    import zipfile
+
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        return "Weights only load failed" not in text
+    if isinstance(err, (EOFError, zipfile.BadZipFile)):
+        return True
+    return isinstance(err, RuntimeError) and any(
+        s in text for s in ("PytorchStreamReader", "zip archive", "central directory", "unexpected EOF"))
+
+
+def read_checkpoint_header(path: str):
+    """(state, None) with the tensors memory-mapped, not read, or (None, why) when `path` is damaged."""
+    try:
+        try:
+            return torch.load(path, map_location="cpu", mmap=True), None
+        except RuntimeError as err:
+            if "mmap" not in str(err):  # only the legacy (non-zip) format cannot be memory-mapped
+                raise
+            return torch.load(path, map_location="cpu"), None
+    except Exception as err:  # noqa: BLE001
+        if _is_damage(err):
+            return None, _first_line(err)
+        raise
+
+
+def newest_intact_checkpoint(save_dir: str, suffix: str = "", exclude: str = ""):
+    """(path, updates) of the readable checkpoint*{suffix}.pt in `save_dir` (other than `exclude`) that holds
+    the most updates (ties: the most recently written), or (None, None)."""
+    import re
+
+    pattern = re.compile(r"checkpoint.*" + re.escape(suffix) + r"\.pt")
+    best, best_key = None, (None, None)
+    for name in sorted(os.listdir(save_dir)):
+        path = os.path.join(save_dir, name)
+        if not pattern.fullmatch(name) or _same_file(path, exclude) or not os.path.isfile(path):
+            continue
+        try:
+            state, why = read_checkpoint_header(path)
+        except Exception as err:  # noqa: BLE001  (e.g. a trusted old pickle: not one of this run's)
+            state, why = None, _first_line(err)
+        if state is None:
+            logger.warning("%s cannot be read either (%s)", path, why)
+            continue
+        history = (state.get("optimizer_history") if isinstance(state, dict) else None) or [{}]
+        key = (history[-1].get("num_updates", -1), os.path.getmtime(path))
+        if best is None or key > best_key:
+            best, best_key = path, key
+    return best, best_key[0]
+
+
+def _same_file(a: str, b: str) -> bool:
+    return bool(b) and os.path.abspath(a) == os.path.abspath(b)
+
+
+def _load_checkpoint_to_cpu_naming_damage(path, arg_overrides=None, load_on_all_ranks=False):
+    """fairseq's load_checkpoint_to_cpu; a file that cannot be read is a DamagedCheckpointError naming it."""
+    try:
+        return ORIGINALS["fairseq.checkpoint_utils.load_checkpoint_to_cpu"](path, arg_overrides, load_on_all_ranks)
+    except Exception as err:  # noqa: BLE001
+        if not _is_damage(err):
+            raise
+        raise DamagedCheckpointError(
+            f"{path} is damaged or not a checkpoint ({_first_line(err)}); use an intact checkpoint") from err
+
+
+def _train_epoch_unless_finished(cfg, trainer, task, epoch_itr):
+    """fairseq_cli.train.train (one epoch), or nothing when the run already reached --max-update."""
+    max_update = cfg.optimization.max_update
+    if max_update and trainer.get_num_updates() >= max_update:
+        logger.info("the checkpoint already holds %d updates (--max-update %d): nothing left to train",
+                    trainer.get_num_updates(), max_update)
+        return [None], True
+    return ORIGINALS["fairseq_cli.train.train"](cfg, trainer, task, epoch_itr)
+
+
+def finished_run_stays_finished() -> None:
+    """Restarting a run that already reached --max-update trains nothing.
+
+    Breaks: fairseq-train checks --max-update only after an update, so the same command started again
+    after the run finished (by hand, or by a job scheduler restarting a job killed after its last save)
+    resumes from checkpoint_last.pt, trains one more update and overwrites the final checkpoint.
+    Fix: wrap `fairseq_cli.train.train` (one epoch; looked up when called): when the trainer already holds
+    --max-update updates, it returns "stop" at once, as fairseq does after the last update. Installed when
+    fairseq-train loads its checkpoint (`_load_checkpoint_or_newest_intact`), not by `apply()`: importing
+    fairseq_cli.train runs its logging.basicConfig, which must happen when fairseq-train starts (mue.cli).
+    """
+    train = sys.modules.get("fairseq_cli.train")
+    if train is not None:
+        _replace(train, "train", _train_epoch_unless_finished)
+
+
+def _load_checkpoint_or_newest_intact(cfg, trainer, **passthrough_args):
+    """fairseq's checkpoint_utils.load_checkpoint, resuming from the newest intact checkpoint when the
+    automatic one (SAVE_DIR/checkpoint_last.pt) is damaged; an optimizer state saved for other trainable
+    parameters is a one-line error naming the file."""
+    original = ORIGINALS["fairseq.checkpoint_utils.load_checkpoint"]
+    from fairseq.file_io import PathManager
+
+    finished_run_stays_finished()  # fairseq-train is running: fairseq_cli.train is imported
+
+    last = os.path.join(cfg.save_dir, f"checkpoint_last{trainer.checkpoint_suffix}.pt")
+    instead = None
+    if (cfg.restore_file == "checkpoint_last.pt" and not PathManager.path_requires_pathmanager(last)
+            and os.path.isfile(last)):
+        _, why = read_checkpoint_header(last)
+        if why is not None:
+            instead, updates = newest_intact_checkpoint(cfg.save_dir, trainer.checkpoint_suffix, exclude=last)
+            if instead is None:
+                raise DamagedCheckpointError(
+                    f"{last} is damaged ({why}) and no intact checkpoint lies beside it: delete it to start "
+                    f"afresh, or resume from another checkpoint with --restore-file FILE")
+            logger.warning("%s is damaged (%s); resuming from %s (%s updates), the newest intact checkpoint "
+                           "beside it", last, why, instead, updates)
+    load = trainer.load_checkpoint
+
+    def load_checked(filename, *args, **kwargs):
+        if instead is not None and _same_file(filename, last):
+            filename = instead
+        try:
+            return load(filename, *args, **kwargs)
+        except ValueError as err:
+            if "doesn't match the size of optimizer's group" not in str(err):
+                raise
+            raise OptimizerStateMismatchError(
+                f"{filename}: its optimizer state was saved for another set of trainable parameters (for "
+                f"instance before mue stopped training OFA's unused image-generation parameters): resume "
+                f"with --reset-optimizer, which keeps the weights, the learning-rate schedule and the data "
+                f"position") from err
+
+    trainer.load_checkpoint = load_checked  # this call only: fairseq asks the trainer to load the file
+    try:
+        return original(cfg, trainer, **passthrough_args)
+    finally:
+        del trainer.load_checkpoint
+
+
+def resume_from_intact_checkpoint() -> None:
+    """A damaged checkpoint_last.pt does not end the run, and a damaged file is named.
+
+    Breaks: fairseq-train resumes from SAVE_DIR/checkpoint_last.pt whenever it exists; a truncated one
+    (left by a kill during fairseq's plain copy, see `crash_safe_checkpoints`, or by a full disk) fails
+    every restart with "PytorchStreamReader failed reading zip archive" or an EOFError that names no
+    file, although intact checkpoint_*.pt files lie beside it.
+    Fix: (a) wrap `checkpoint_utils.load_checkpoint` (called by fairseq-train on every rank): when
+    checkpoint_last.pt is the file to resume from and cannot be read (pickle read with the tensors
+    memory-mapped: cheap), resume from the intact checkpoint*.pt of that folder with the most updates,
+    with a warning naming both files; with none, stop with a DamagedCheckpointError (one line) saying
+    what to do. (b) wrap `checkpoint_utils.load_checkpoint_to_cpu`: a file that cannot be read
+    (--restore-file, --finetune-from-model, fairseq-generate --path) is a DamagedCheckpointError naming
+    it. Errors that are not about the bytes (a refused global, a missing file) pass unchanged. (c) An
+    optimizer state saved for another set of trainable parameters (torch: "loaded state dict contains a
+    parameter group that doesn't match the size of optimizer's group", no file named) is an
+    OptimizerStateMismatchError naming the file and --reset-optimizer.
+    """
+    from fairseq import checkpoint_utils
+
+    _replace(checkpoint_utils, "load_checkpoint", _load_checkpoint_or_newest_intact)
+    _replace(checkpoint_utils, "load_checkpoint_to_cpu", _load_checkpoint_to_cpu_naming_damage)
+
+
+# --------------------------------------------------------------------------------------------
+# 9. use from an installed package: quiet imports, one copy of the plugin, checkpoints that carry
+#    their task
+# --------------------------------------------------------------------------------------------
+
+#: (category, message regex) of the warnings that importing fairseq 0.12 on torch 2.14 raises: fairseq
+#: decorates functions with torch.jit.script at import. Ignored only while the plugin imports fairseq.
+IMPORT_WARNINGS = ((FutureWarning, r"`torch\.jit\.script` is deprecated"),)
+#: FutureWarnings attributed to fairseq's own modules (e.g. its torch.cuda.amp.autocast(...) calls in every
+#: training step): about fairseq's code, which a user cannot change. Filtered for good, by module.
+FAIRSEQ_MODULES = r"fairseq(_cli)?(\.|$)"
+#: (logger, message part) of log lines fairseq prints at import about packages mue does not use
+IMPORT_LOG_LINES = (("fairseq.tasks.text_to_speech", "Please install tensorboardX"),)
+
+
+class _DropMessages(logging.Filter):
+    """Drop a logger's records whose message contains one of `parts`."""
+
+    def __init__(self, parts):
+        super().__init__()
+        self.parts = tuple(parts)
+
+    def filter(self, record):
+        return not any(part in record.getMessage() for part in self.parts)
+
+
+def quiet_third_party_imports() -> None:
+    """Importing the plugin does not print fairseq's import-time noise.
+
+    Breaks: `import fairseq` on torch 2.14 prints five FutureWarnings ("`torch.jit.script` is
+    deprecated", raised by fairseq's own decorators) and "Please install tensorboardX" (a speech task's
+    import-time log line), before anything of ours, in every process; and every training step warns that
+    fairseq's `torch.cuda.amp.autocast(...)` call is deprecated.
+    Fix: import fairseq once here with those import warnings ignored inside `warnings.catch_warnings()`,
+    so the filter ends with the import and a user's own torch.jit.script calls still warn; a logging
+    filter on that one logger for that one message; and FutureWarnings attributed to fairseq's own
+    modules (FAIRSEQ_MODULES) ignored, which leaves the user's code and other packages untouched. Must
+    run before anything imports fairseq: first in `apply()`. A fairseq command started without mue's
+    entry points (`fairseq-generate --user-dir`) imports fairseq before the plugin and still prints the
+    import-time ones; `mue-generate` & co. (mue.cli) do not.
+    """
+    import warnings
+
+    for name, _ in IMPORT_LOG_LINES:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in log.filters):
+            log.addFilter(_DropMessages(p for n, p in IMPORT_LOG_LINES if n == name))
+    warnings.filterwarnings("ignore", category=FutureWarning, module=FAIRSEQ_MODULES)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    with warnings.catch_warnings():
+        for category, message in IMPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        import fairseq  # noqa: F401  (fairseq.__init__ imports its models and tasks: the noisy part)
+    FAIRSEQ_IMPORT_HANDLERS[:] = [h for h in root.handlers if h not in before]
+
+
+#: root-logger handlers that importing fairseq installed here (its wav2vec2 module's basicConfig, see
+#: quiet_root_logger); mue's entry points (mue.cli) remove them so that each fairseq tool configures its
+#: logging as written (fairseq-train: timestamped lines on stdout)
+FAIRSEQ_IMPORT_HANDLERS: list = []
+
+
+def _same_directory(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _import_user_module_once(args):
+    """fairseq's import_user_module, except for a --user-dir that is another copy of the imported mue."""
+    original = ORIGINALS["fairseq.utils.import_user_module"]
+    user_dir = getattr(args, "user_dir", None)
+    loaded = sys.modules.get(__name__.split(".")[0])
+    if user_dir and loaded is not None:
+        path = os.path.abspath(user_dir)
+        if os.path.isdir(path) and os.path.basename(os.path.normpath(path)) == loaded.__name__:
+            here = list(loaded.__path__)
+            if any(_same_directory(path, p) for p in here):
+                return None  # this very plugin, maybe reached through another path or a symlink
+            if os.path.isfile(os.path.join(path, "__init__.py")):
+                logger.warning("--user-dir %s: the plugin %r is already imported from %s and is used; Python "
+                               "cannot import a second module of that name", path, loaded.__name__, here[0])
+                return None
+    return original(args)
+
+
+def one_plugin_copy() -> None:
+    """`import mue` followed by a fairseq command with `--user-dir` to another copy of mue works.
+
+    Breaks: fairseq imports --user-dir DIR as the module named basename(DIR). When mue is already imported
+    (`import mue` in a script, or mue's own entry points) and DIR is another copy (the clone, while the
+    installed package was imported) or the same directory through a symlink, fairseq stops with "module
+    name (mue) is not globally unique".
+    Fix: wrap `fairseq.utils.import_user_module`: a --user-dir that is the imported plugin's directory is
+    done; one that is another copy of mue (a folder named mue with an __init__.py) keeps the imported
+    one, with a warning naming both. Anything else goes to fairseq unchanged.
+    """
+    from fairseq import utils
+
+    _replace(utils, "import_user_module", _import_user_module_once)
+
+
+def saved_task_config(path: str) -> typing.Optional[dict]:
+    """The task config checkpoint `path` was trained with ({"_name": task, option: value}), or None when
+    the file holds none or cannot be read the safe way (fairseq's own loading then reports why).
+    Tensors are memory-mapped where the file format allows, so this does not read the weights."""
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True)
+        except RuntimeError:  # the legacy (non-zip) format cannot be memory-mapped
+            state = torch.load(path, map_location="cpu")
+    except Exception as err:  # noqa: BLE001
+        logger.debug("%s: no task config read (%s)", path, err)
+        return None
+    if not isinstance(state, dict):
+        return None
+    cfg, args = state.get("cfg"), state.get("args")
+    if cfg is not None and cfg.get("task") is not None:
+        task = cfg["task"]
+        if not isinstance(task, dict):
+            from omegaconf import OmegaConf
+
+            task = OmegaConf.to_container(task) if OmegaConf.is_config(task) else vars(task)
+        return dict(task)
+    if isinstance(args, argparse.Namespace):  # fairseq's older layout
+        return dict(vars(args), _name=getattr(args, "task", None))
+    return None
+
+
+#: fairseq-generate's task when --task is not given
+DEFAULT_GENERATE_TASK = "translation"
+#: what take_task_from_checkpoints did, for the log: fairseq-generate configures logging only after it, so
+#: the task logs these lines when it is set up (mue.tasks.vl_task)
+NOTES: list = []
+
+
+def _task_node(name: str, data) -> "omegaconf.DictConfig":
+    """A fresh task config of registered task `name` with its defaults and `data`."""
+    import dataclasses
+    import enum
+
+    from fairseq.tasks import TASK_DATACLASS_REGISTRY
+    from omegaconf import OmegaConf
+
+    values = {}
+    for f in dataclasses.fields(TASK_DATACLASS_REGISTRY[name]):
+        value = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        values[f.name] = value.value if isinstance(value, enum.Enum) else value
+    values.update(_name=name, data=data)
+    return OmegaConf.create(values)
+
+
+def take_task_from_checkpoints(cfg) -> None:
+    """Complete fairseq-generate's config `cfg` (DictConfig) with what its checkpoints were trained with.
+
+    For each --path checkpoint trained with a task that has the hook `adopt_checkpoint_options` (mue's
+    tasks, mue.tasks.vl_task): the options it needs to be rebuilt that the command line left out are taken
+    from it, and one the command line gives differently is an OptionError naming both values. Without
+    --task (fairseq's default task, translation), the checkpoint's task is used; a --task of ours unlike
+    the checkpoint's is an OptionError. --model-overrides entries that name task options win over the
+    checkpoint, as they do in fairseq's own loading.
+    """
+    import ast
+
+    from fairseq import checkpoint_utils, utils
+    from fairseq.tasks import TASK_REGISTRY
+
+    from mue.errors import OptionError
+
+    NOTES.clear()
+    if cfg.common_eval.path is None:
+        return
+    overrides = ast.literal_eval(cfg.common_eval.model_overrides or "{}")
+    origin = {}
+    for path in utils.split_paths(cfg.common_eval.path):
+        filename = checkpoint_utils.get_maybe_sharded_checkpoint_filename(
+            path, cfg.checkpoint.checkpoint_suffix, 0, cfg.checkpoint.checkpoint_shard_count)
+        saved = saved_task_config(filename) if os.path.isfile(filename) else None
+        trained = (saved or {}).get("_name")
+        hook = getattr(TASK_REGISTRY.get(trained), "adopt_checkpoint_options", None)
+        if hook is None:
+            continue
+        saved.update({k: v for k, v in overrides.items() if k in saved})
+        name = cfg.task._name
+        if name != trained:
+            if name == DEFAULT_GENERATE_TASK and not origin:
+                NOTES.append(f"--task {trained}: from {filename}")
+                cfg.task = _task_node(trained, cfg.task.data)
+            else:
+                raise OptionError(f"--task {name}: {filename} was trained with --task {trained}")
+        taken = hook(cfg.task, saved, filename, origin)
+        if taken:
+            NOTES.append(f"task options from {filename}: "
+                         + " ".join(f"--{n.replace('_', '-')} {cfg.task[n]}" for n in taken))
+
+
+def _generate_main_with_checkpoint_task(cfg):
+    """fairseq_cli.generate.main, with the task options completed from the checkpoints first."""
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+    if isinstance(cfg, argparse.Namespace):
+        cfg = convert_namespace_to_omegaconf(cfg)
+    take_task_from_checkpoints(cfg)
+    return ORIGINALS["fairseq_cli.generate.main"](cfg)
+
+
+def checkpoint_task_options() -> None:
+    """`fairseq-generate DATA --path ckpt.pt` rebuilds the model the checkpoint holds.
+
+    Breaks: fairseq-generate sets the task up from the command line alone (`tasks.setup_task(cfg.task)`)
+    before it reads the checkpoint, so a checkpoint trained with `--num-codes 0 --num-bins 0
+    --patch-image-size 64` fails with a shape mismatch unless the user repeats those options, and without
+    the image size it silently runs at 480 px.
+    Fix: wrap `fairseq_cli.generate.main` (fairseq-generate's and mue.evaluation.sweep's entry; looked up
+    when called): `take_task_from_checkpoints` reads each checkpoint's saved task config first (weights
+    memory-mapped) and fills in the options the task's hook names. What the user typed is known from the
+    config itself: those task options default to None, "not given" (see mue.tasks.vl_task). Not covered:
+    `python -m fairseq_cli.generate` (a second module object) and fairseq-interactive.
+    """
+    from fairseq_cli import generate
+
+    _replace(generate, "main", _generate_main_with_checkpoint_task)
+
+
 def apply() -> None:
     """Install every patch once; later calls do nothing."""
     global _APPLIED
     if _APPLIED:
         return
+    quiet_third_party_imports()  # first: before anything imports fairseq
     allow_fairseq_checkpoint_globals()
     keep_last_partial_batch()
     cpu_safe_ddp()
@@ -381,4 +893,8 @@ def apply() -> None:
     quiet_root_logger()
     one_line_user_errors()
     task_options_in_help()
+    crash_safe_checkpoints()
+    resume_from_intact_checkpoint()
+    one_plugin_copy()
+    checkpoint_task_options()
     _APPLIED = True

@@ -54,10 +54,10 @@ def loads(monkeypatch):
     return calls
 
 
-def train(data_dir, save_dir, max_update):
+def train(data_dir, save_dir, max_update, *extra):
     from fairseq_cli import train as fairseq_train
 
-    argv = [str(data_dir), "--task", "mue_snli_ve", *TINY, "--criterion", "mue", "--optimizer", "adam",
+    argv = [str(data_dir), "--task", "mue_snli_ve", *TINY, *extra, "--criterion", "mue", "--optimizer", "adam",
             "--lr", "1e-3", "--lr-scheduler", "polynomial_decay", "--warmup-updates", "2",
             "--total-num-update", "6", "--batch-size", "4", "--required-batch-size-multiple", "1",
             "--max-update", str(max_update), "--save-interval-updates", "2", "--no-epoch-checkpoints",
@@ -107,3 +107,117 @@ def test_resume_continues_and_matches_an_uninterrupted_run(data, tmp_path, loads
                            "optimizer after 4 + 2 vs 6 updates")
     # and the run did train: the parameters moved between update 4 and update 6
     assert any(not torch.equal(stopped["model"][k], resumed["model"][k]) for k in stopped["model"])
+
+
+# ------------------------------------------------------------------ damaged checkpoints (mue.compat section 8)
+
+
+def truncate(path, keep: float = 0.5):
+    """Cut `path` to a fraction of its bytes: what a kill during a plain copy leaves."""
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_checkpoint_last_resumes_from_the_newest_intact_checkpoint(data, tmp_path, loads, one_thread,
+                                                                            caplog):
+    stopped = train(data, tmp_path / "ab", max_update=4)  # also writes checkpoint_1_2.pt, checkpoint_2_4.pt
+    last = tmp_path / "ab" / "checkpoint_last.pt"
+    truncate(last)
+    with caplog.at_level(logging.WARNING):
+        resumed = train(data, tmp_path / "ab", max_update=6)
+    restart = loads[-1]
+    assert not restart["file"].endswith("checkpoint_last.pt"), "resumed from the damaged file"
+    chosen = torch.load(restart["file"], map_location="cpu")
+    assert chosen["optimizer_history"][-1]["num_updates"] == 4, f"{restart['file']} is not the newest intact one"
+    warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
+    assert str(last) in warning and restart["file"] in warning, warning
+    assert restart["num_updates"] == 4
+    uninterrupted = train(data, tmp_path / "c", max_update=6)
+    assert_same_tensors(resumed["model"], uninterrupted["model"], "model after damaged-last resume vs 6 updates")
+    assert_same_adam_state(resumed["last_optimizer_state"], uninterrupted["last_optimizer_state"],
+                           "optimizer after damaged-last resume vs 6 updates")
+    assert stopped["optimizer_history"][-1]["num_updates"] == 4
+
+
+def test_damaged_checkpoint_without_an_intact_one_is_a_one_line_error(data, tmp_path, one_thread):
+    from fairseq import checkpoint_utils
+
+    from mue.compat import DamagedCheckpointError
+    from mue.errors import user_message
+
+    train(data, tmp_path / "a", max_update=1)  # no interval checkpoint: last (and maybe best) only
+    for path in (tmp_path / "a").glob("checkpoint*.pt"):
+        truncate(path)
+    last = tmp_path / "a" / "checkpoint_last.pt"
+    with pytest.raises(DamagedCheckpointError) as err:
+        train(data, tmp_path / "a", max_update=2)
+    message = user_message(err.value)
+    assert message is not None and "\n" not in message and str(last) in message and "--restore-file" in message
+    with pytest.raises(DamagedCheckpointError, match=str(last)):  # --restore-file, --finetune-from-model, --path
+        checkpoint_utils.load_checkpoint_to_cpu(str(last))
+
+
+def test_checkpoint_copies_are_all_or_nothing(tmp_path, monkeypatch):
+    """fairseq fills checkpoint_last.pt / checkpoint_best.pt with checkpoint_utils.PathManager.copy. A write
+    that fails half-way (here the file-size limit, as a full disk would; a kill is the same for the
+    destination) leaves the old destination whole and no temporary file; fairseq's own copy leaves it cut."""
+    import resource
+    import signal
+
+    from fairseq import checkpoint_utils
+
+    from mue import compat
+
+    src, dst = tmp_path / "checkpoint_1_2.pt", tmp_path / "checkpoint_last.pt"
+    src.write_bytes(bytes(range(256)) * 4096)  # 1 MiB
+    old = b"old checkpoint" * 1000
+    limit = len(old) + 100_000  # room for the old file, not for the new one
+
+    def copy_under_limit(copy):
+        dst.write_bytes(old)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+        try:
+            with pytest.raises(OSError):
+                copy(str(src), str(dst), overwrite=True)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+            signal.signal(signal.SIGXFSZ, handler)
+        return dst.read_bytes()
+
+    assert copy_under_limit(checkpoint_utils.PathManager.copy) == old
+    assert not list(tmp_path.glob("*.tmp"))
+    fairseqs = compat.ORIGINALS["fairseq.checkpoint_utils.PathManager"].copy
+    assert copy_under_limit(fairseqs) != old  # what the patch prevents: a cut checkpoint_last.pt
+    assert checkpoint_utils.PathManager.copy(str(src), str(dst), overwrite=True)
+    assert dst.read_bytes() == src.read_bytes()
+
+
+def test_restarting_a_finished_run_trains_nothing(data, tmp_path, one_thread, caplog):
+    """A job restarted after its last save (a scheduler's retry) must not train past --max-update."""
+    finished = train(data, tmp_path / "a", max_update=2)
+    with caplog.at_level(logging.INFO):
+        again = train(data, tmp_path / "a", max_update=2)
+    assert again["optimizer_history"][-1]["num_updates"] == 2, "the restart trained past --max-update"
+    assert_same_tensors(again["model"], finished["model"], "model after restarting a finished run")
+    assert "nothing left to train" in caplog.text
+
+
+def test_optimizer_state_of_other_trainable_parameters_is_a_one_line_error(data, tmp_path, one_thread, monkeypatch):
+    """A checkpoint saved while OFA's unused image-generation parameters were still trained holds Adam state
+    for them; resuming it names the file and --reset-optimizer, which then works."""
+    import mue.models.mue_ofa as mue_ofa
+    from mue.compat import OptimizerStateMismatchError
+    from mue.errors import user_message
+
+    with monkeypatch.context() as m:
+        m.setattr(mue_ofa, "UNUSED_PARAMETERS", ("(none)",))  # the model as it was: every parameter trained
+        train(data, tmp_path / "a", max_update=1)
+    last = tmp_path / "a" / "checkpoint_last.pt"
+    with pytest.raises(OptimizerStateMismatchError) as err:
+        train(data, tmp_path / "a", max_update=2)
+    message = user_message(err.value)
+    assert message is not None and "\n" not in message and str(last) in message and "--reset-optimizer" in message
+    resumed = train(data, tmp_path / "a", 2, "--reset-optimizer")
+    assert resumed["optimizer_history"][-1]["num_updates"] == 2

@@ -23,8 +23,15 @@
 set -euo pipefail
 
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
-USER_DIR="$REPO_ROOT/mue"
 PYTHON="${PYTHON:-python}"
+# --user-dir: the mue package that $PYTHON imports (an installed one, wherever it is; the current directory
+# is left out of the search), else this clone's source
+USER_DIR="$("$PYTHON" -c 'import importlib.util, os, sys
+sys.path = [p for p in sys.path if p not in ("", ".", os.getcwd())]
+spec = importlib.util.find_spec("mue")
+print(list(spec.submodule_search_locations)[0] if spec and spec.submodule_search_locations else "")' \
+    2>/dev/null || true)"
+USER_DIR="${USER_DIR:-$REPO_ROOT/mue}"
 NGPU="${NGPU:-1}"
 WARMUP_RATIO="${WARMUP_RATIO:-0.06}"
 
@@ -129,7 +136,7 @@ optimization_args() {
     OPTIM=(--optimizer adam --adam-betas "(0.9,0.999)" --adam-eps 1e-08 --weight-decay 0.01 --clip-norm 1.0
            --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" --total-num-update "$TOTAL_UPDATES"
            --max-epoch "$EPOCHS" --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ"
-           --required-batch-size-multiple 1 --find-unused-parameters --no-epoch-checkpoints --log-format simple)
+           --required-batch-size-multiple 1 --no-epoch-checkpoints --log-format simple)
 }
 
 # launch ARGS...: fairseq-train ARGS (plus --user-dir), under torchrun when NGPU > 1.
