@@ -242,7 +242,7 @@ def train_run(args, run: str, extra: Sequence[str]) -> str:
                "--max-epoch", str(st.epochs), "--batch-size", str(batch), "--update-freq", str(update_freq),
                "--required-batch-size-multiple", "1", "--save-dir", save_dir, "--no-epoch-checkpoints",
                "--seed", str(args.seed), "--num-workers", str(args.num_workers), "--log-format", "simple",
-               "--log-interval", "50" if args.synthetic else "10", "--find-unused-parameters"]
+               "--log-interval", "50" if args.synthetic else "10"]
         if st.name == "stage2":
             cmd += ["--scst-cider-df", os.path.join(args.out, "checkpoints", "cider_d_df.json")]
         if init:
