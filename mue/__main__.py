@@ -154,9 +154,15 @@ def run(args) -> int:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    for name in ("fairseq", "mue"):  # loading logs its steps at INFO
-        logging.getLogger(name).setLevel(logging.WARNING)
-    return run(args)
+    loggers = [logging.getLogger(name) for name in ("fairseq", "mue")]  # loading logs its steps at INFO
+    levels = [log.level for log in loggers]
+    for log in loggers:
+        log.setLevel(logging.WARNING)
+    try:
+        return run(args)
+    finally:  # called in-process (tests, scripts): leave the caller's logging as it was
+        for log, level in zip(loggers, levels):
+            log.setLevel(level)
 
 
 if __name__ == "__main__":
