@@ -11,9 +11,6 @@ bins, with OFA's premise prompt and --max-src-length 40 (none of them defaults).
 * what counts as given: a value typed on the command line, even the default's, is compared, not replaced;
   the checkpoints of an ensemble must agree; a checkpoint saves the values, not "not given".
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -25,11 +22,11 @@ from mue import compat
 from mue.errors import OptionError
 from mue.models.state_dict import CheckpointMismatchError
 from mue.tasks.vl_task import REBUILD_DEFAULTS, adopt_checkpoint_options
+from test_errors import one_error_line, run_generate_together
 
 pytestmark = pytest.mark.timeout(240)
 
 REPO = Path(__file__).resolve().parents[1]
-GENERATE = Path(sys.executable).parent / "fairseq-generate"
 TINY = ["--arch", "mue_ofa_micro", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
         "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-layers", "2",
         "--decoder-layers", "2", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
@@ -72,30 +69,9 @@ def runs(trained):
         "bare": [],  # no --task either: the checkpoint's
         "contradicting": ["--task", "mue_snli_ve", "--patch-image-size", "32", "--num-bins", "5"],
     }
-    procs = {}
-    for name, extra in cases.items():
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        env.pop("MUE_DEBUG", None)
-        cmd = [str(GENERATE), str(data), "--path", str(checkpoint), "--gen-subset", "test", "--user-dir",
-               str(REPO / "mue"), *extra]
-        with open(root / f"{name}.out", "w") as out, open(root / f"{name}.err", "w") as err:
-            procs[name] = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=err)
-    results = {}
-    for name, proc in procs.items():
-        proc.wait(timeout=180)
-        results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, (root / f"{name}.out").read_text(),
-                                                    (root / f"{name}.err").read_text())
-    return results
-
-
-def one_error_line(result) -> str:
-    """The single `error: ...` line of a run that failed with status 1 and printed no traceback."""
-    tail = result.stderr[-3000:]
-    assert result.returncode == 1, tail
-    assert "Traceback" not in result.stderr, tail
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, tail
-    return lines[0]
+    return run_generate_together(root, {name: [str(data), "--path", str(checkpoint), "--gen-subset", "test",
+                                               "--user-dir", str(REPO / "mue"), *extra]
+                                        for name, extra in cases.items()}, timeout=180)
 
 
 def test_checkpoint_saves_the_values_it_was_trained_with(trained):

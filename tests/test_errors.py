@@ -69,22 +69,29 @@ def runs(data, tmp_path_factory):  # noqa: F811  (data is test_resume's fixture)
     dirs["columns_debug"] = dirs["columns"]
     cases = {name: [str(path)] for name, path in dirs.items()}
     cases["option"] = [str(data), "--img-thres=-5"]  # "=": argparse would read "-5" as an option
+    commands = {name: [*argv, "--user-dir", str(REPO / "mue"), "--task", "mue_snli_ve", "--path", str(checkpoint),
+                       "--cpu", "--gen-subset", "test", "--batch-size", "2", *SMALL] for name, argv in cases.items()}
+    return run_generate_together(root, commands, timeout=120, debug=lambda name: name.endswith("_debug")), dirs
+
+
+def run_generate_together(root, commands, timeout, debug=lambda name: False):
+    """{name: CompletedProcess} of `fairseq-generate ARGS` for each {name: ARGS}, started together to share
+    the start-up time (one thread each, MUE_DEBUG only where `debug(name)`); their output goes to files
+    in `root` (a full pipe would stall a run)."""
     procs = {}
-    for name, argv in cases.items():
+    for name, args in commands.items():
         env = dict(os.environ, OMP_NUM_THREADS="1")
         env.pop("MUE_DEBUG", None)
-        if name.endswith("_debug"):
+        if debug(name):
             env["MUE_DEBUG"] = "1"
-        cmd = [str(GENERATE), *argv, "--user-dir", str(REPO / "mue"), "--task", "mue_snli_ve", "--path",
-               str(checkpoint), "--cpu", "--gen-subset", "test", "--batch-size", "2", *SMALL]
         with open(root / f"{name}.out", "w") as out, open(root / f"{name}.err", "w") as err:
-            procs[name] = subprocess.Popen(cmd, cwd=root, env=env, stdout=out, stderr=err)
+            procs[name] = subprocess.Popen([str(GENERATE), *args], cwd=root, env=env, stdout=out, stderr=err)
     results = {}
     for name, proc in procs.items():
-        proc.wait(timeout=120)
+        proc.wait(timeout=timeout)
         results[name] = subprocess.CompletedProcess(proc.args, proc.returncode, (root / f"{name}.out").read_text(),
                                                     (root / f"{name}.err").read_text())
-    return results, dirs
+    return results
 
 
 def one_error_line(result) -> str:
