@@ -4,6 +4,7 @@ Each script runs in a subprocess, as a user would run it; the tests check the he
 table's columns and rows and the JSON rows, never the timings (they depend on the machine).
 """
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,20 +75,56 @@ def test_bench_inference_quick(tmp_path):
 
 def test_bench_train_quick(tmp_path):
     out = tmp_path / "train.json"
-    stdout = run_script("bench_train.py", "--quick", "--threads", "1", "--json", str(out))
-    check_header(stdout, "bench_train.py")
+    stdout = run_script("bench_train.py", "--quick", "--threads", "1", "--modes", "mue,last_layer,mue_drop_worst",
+                        "--json", str(out))
+    check_header(stdout, "bench_train.py", "--modes", "mue,last_layer,mue_drop_worst")
     header, rows = table(stdout)
     data = json.loads(out.read_text())
     assert header == data["columns"]
-    for column in ("step_s", "rss_build_mb", "peak_rss_mb", "step_mem_mb", "time_ratio", "mem_ratio"):
+    for column in ("step_s", "spread", "rss_build_mb", "peak_rss_mb", "step_mem_mb", "time_ratio", "paired_ratio",
+                   "mem_ratio", "peak_ratio"):
         assert column in header
     assert [(r[header.index("size")], r[header.index("criterion")]) for r in rows] == [
-        ("micro", "mue"), ("micro", "last_layer")]
-    mue_row, last_row = data["rows"]
-    assert mue_row["peak_rss_mb"] >= mue_row["rss_build_mb"] and mue_row["step_mem_mb"] >= 0
+        ("micro", "mue"), ("micro", "last_layer"), ("micro", "mue_drop_worst")]
+    # the configurations take turns: one line per round, every configuration in each, order alternating
+    rounds = [l for l in stdout.splitlines() if l.startswith("<!-- micro round")]
+    assert len(rounds) == 2 and "(warm-up)" in rounds[0] and "(warm-up)" not in rounds[1]
+    order = [re.findall(r"(\w+) [0-9.]+s", line.split(":", 1)[1]) for line in rounds]
+    assert order == [["mue", "last_layer", "mue_drop_worst"], ["mue_drop_worst", "last_layer", "mue"]]
+    mue_row, last_row, drop_row = data["rows"]
+    for row in data["rows"]:
+        assert len(row["step_times_s"]) == 1 and row["step_min_s"] <= row["step_s"] <= row["step_max_s"]
+        assert row["peak_rss_mb"] > 0 and row["loss"] > 0
     assert mue_row["time_ratio"] == pytest.approx(mue_row["step_s"] / last_row["step_s"])
-    assert "time_ratio" not in last_row
-    assert mue_row["loss"] > 0 and last_row["loss"] > 0
+    assert mue_row["paired_ratio"] == pytest.approx(mue_row["step_times_s"][0] / last_row["step_times_s"][0])
+    assert "time_ratio" not in last_row and "time_ratio" in drop_row
+    assert drop_row["loss"] < mue_row["loss"]  # the same batch without each layer's worst 20 % of tokens
+
+
+def test_bench_train_goals():
+    sys.path.insert(0, str(SCRIPTS))
+    try:
+        import bench_train
+    finally:
+        sys.path.remove(str(SCRIPTS))
+
+    def rows(image, mue_s, mem):
+        return [{"size": "base", "criterion": "mue", "image": image, "step_s": mue_s, "step_times_s": [mue_s],
+                 "step_mem_mb": mem, "peak_rss_mb": 1000.0 + mem},
+                {"size": "base", "criterion": "last_layer", "image": image, "step_s": 1.0, "step_times_s": [1.0],
+                 "step_mem_mb": 100.0, "peak_rss_mb": 1100.0}]
+
+    met = rows(128, 1.5, 105.0)
+    bench_train.add_ratios(met)
+    assert met[0]["goal_met"] and met[0]["goal"] == "time <= 1.6x: met; memory <= 1.1x: met"
+    missed = rows(480, 1.2, 120.0)
+    bench_train.add_ratios(missed)
+    assert not missed[0]["goal_met"] and missed[0]["goal"] == "time <= 1.1x: MISSED; memory <= 1.1x: MISSED"
+    other = rows(256, 9.0, 100.0)
+    bench_train.add_ratios(other)
+    assert other[0]["goal_met"] and other[0]["goal"].startswith("(no time goal at 256 px)")
+    with pytest.raises(SystemExit, match="--modes"):
+        bench_train.parse_args(["--modes", "mue,full"])
 
 
 def test_per_size_options():

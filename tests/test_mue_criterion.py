@@ -15,6 +15,7 @@ from fairseq.models import BaseFairseqModel, FairseqDecoder
 from omegaconf import OmegaConf
 
 import mue.criterions  # noqa: F401  (registers "mue")
+from mue.criterions import layerwise_loss
 from mue.criterions.mue import MueCriterion
 
 C, LAYERS, B, T = 8, 3, 3, 5
@@ -28,16 +29,19 @@ def tiny_dictionary(size=20):
 
 
 class TinyDecoder(FairseqDecoder):
-    """Embedding + residual tanh(Linear) layers + final LayerNorm + tied output projection."""
+    """Embedding + residual tanh(Linear) layers + final LayerNorm + tied output projection, with
+    mue_ofa's `project` = output_projection(layer_norm(x)) (the layer-wise loss's fused path)."""
 
     def __init__(self, dictionary):
         super().__init__(dictionary)
         self.embed_tokens = torch.nn.Embedding(len(dictionary), C, padding_idx=dictionary.pad())
         self.layers = torch.nn.ModuleList(torch.nn.Linear(C, C) for _ in range(LAYERS))
         self.layer_norm = torch.nn.LayerNorm(C)
+        self.output_projection = torch.nn.Linear(C, len(dictionary), bias=False)
+        self.output_projection.weight = self.embed_tokens.weight  # tied, as in mue_ofa
 
     def project(self, x):
-        return F.linear(self.layer_norm(x), self.embed_tokens.weight)
+        return self.output_projection(self.layer_norm(x))
 
     def forward(self, prev_output_tokens, context):
         x = (self.embed_tokens(prev_output_tokens) + context[:, None]).transpose(0, 1)  # T x B x C
@@ -113,9 +117,13 @@ def test_command_line_options():
     parser = argparse.ArgumentParser()
     MueCriterion.add_args(parser)
     args = parser.parse_args(["--label-smoothing", "0.1", "--layer-weights", "1,2", "--last-layer-only",
-                              "--ignore-prefix-size", "1", "--chunk-tokens", "64"])
+                              "--ignore-prefix-size", "1", "--chunk-tokens", "64", "--drop-worst-ratio", "0.2",
+                              "--drop-worst-after", "6000"])
     assert (args.label_smoothing, args.layer_weights, args.last_layer_only, args.ignore_prefix_size,
             args.chunk_tokens, args.no_report_accuracy) == (0.1, "1,2", True, 1, 64, False)
+    assert (args.drop_worst_ratio, args.drop_worst_after) == (0.2, 6000)
+    defaults = parser.parse_args([])
+    assert (defaults.drop_worst_ratio, defaults.drop_worst_after) == (0.0, 0)
     assert parser.parse_args(["--no-report-accuracy"]).no_report_accuracy
 
 
@@ -147,6 +155,28 @@ def test_loss_is_layer_mean_with_per_layer_logs(setup):
     ref_grads = torch.autograd.grad(ref_loss.mean(), list(model.parameters()))
     for p, g in zip(model.parameters(), ref_grads):
         torch.testing.assert_close(p.grad, g, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_weights", [None, "0,1,3"])
+def test_gradients_come_from_the_fused_forward(setup, monkeypatch, layer_weights):
+    """With the criterion's own layer weights, backward scales the stored gradients: the checkpointed
+    path (forward or the exact fallback in backward) never runs, and the gradients equal the naive loop's."""
+    dictionary, task, model, sample = setup
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the checkpointed path ran")
+
+    monkeypatch.setattr(layerwise_loss, "_checkpointed", forbidden)
+    crit = MueCriterion(task, label_smoothing=0.1, layer_weights=layer_weights)
+    loss, _, _ = crit(model, sample)
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref = torch.stack([r[0] for r in per_layer_reference(model, sample, 0.1, dictionary.pad())])
+    weights = torch.tensor([1.0, 1.0, 1.0] if layer_weights is None else [0.0, 1.0, 3.0])
+    (ref * weights / weights.sum()).sum().backward()
+    for p, g in zip(model.parameters(), got):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_layer_weights_weight_the_mean(setup):
@@ -233,3 +263,78 @@ def test_model_without_inner_states_is_rejected(setup):
 
     with pytest.raises(ValueError, match="needs extra\\['inner_states'\\]"):
         MueCriterion(task)(NoStates(), sample)
+
+
+def drop_worst_reference(model, sample, eps, pad, ratio):
+    """Per layer: OFA's label_smoothed_nll_loss with drop-worst (topk of the smallest token losses)."""
+    _, extra = model(**sample["net_input"], return_all_hiddens=True)
+    target = sample["target"]
+    keep = target.ne(pad)
+    losses, nlls = [], []
+    for states in extra["inner_states"][1:]:
+        lprobs = F.log_softmax(model.decoder.project(states.transpose(0, 1))[keep], -1)
+        loss, nll = label_smoothed_nll_loss(lprobs, target[keep], eps, ignore_index=None, reduce=False)
+        loss, index = torch.topk(loss, k=int(loss.numel() * (1 - ratio)), largest=False)
+        losses.append(loss.sum())
+        nlls.append(nll[index].sum())
+    return torch.stack(losses), torch.stack(nlls)
+
+
+def test_drop_worst_after_the_given_update_count(setup):
+    dictionary, task, model, sample = setup
+    crit = MueCriterion(task, label_smoothing=0.1, drop_worst_ratio=0.3, drop_worst_after=100)
+    full, full_size, full_log = MueCriterion(task, label_smoothing=0.1)(model, sample)
+
+    crit.set_num_updates(100)  # OFA: update_num > drop_worst_after
+    loss, size, log = crit(model, sample)
+    torch.testing.assert_close(loss, full)
+    assert size == full_size == 9
+
+    crit.set_num_updates(101)
+    loss, size, log = crit(model, sample)
+    ref_loss, ref_nll = drop_worst_reference(model, sample, 0.1, dictionary.pad(), 0.3)
+    assert size == log["sample_size"] == int(9 * 0.7) == 6 and log["ntokens"] == 9
+    torch.testing.assert_close(loss, ref_loss.mean(), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(log["nll_loss"], ref_nll.mean(), rtol=1e-6, atol=1e-6)
+    for i in range(1, LAYERS + 1):
+        torch.testing.assert_close(log[f"loss_l{i}"], ref_loss[i - 1], rtol=1e-6, atol=1e-6)
+        assert log[f"n_correct_l{i}"] == full_log[f"n_correct_l{i}"]  # accuracy over every token
+    assert log["total"] == 9
+    loss.backward()
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    ref_loss.mean().backward()
+    for p, g in zip(model.parameters(), got):
+        torch.testing.assert_close(g, p.grad, rtol=1e-6, atol=1e-6)
+
+    # update_num= (OFA's criterion signature) overrides the stored count
+    torch.testing.assert_close(crit(model, sample, update_num=5)[0], full)
+    # never in evaluation (OFA validates with update_num 0)
+    model.eval()
+    assert crit(model, sample)[1] == 9
+
+
+def test_drop_worst_needs_the_update_count(setup):
+    _, task, model, sample = setup
+    crit = MueCriterion(task, drop_worst_ratio=0.2)
+    with pytest.raises(ValueError, match="set_num_updates"):
+        crit(model, sample)
+    with pytest.raises(ValueError, match="--drop-worst-ratio must lie in"):
+        MueCriterion(task, drop_worst_ratio=1.0)
+    cfg = OmegaConf.create({"_name": "mue", "drop_worst_ratio": 0.2, "drop_worst_after": 6000})
+    built = build_criterion(cfg, task)
+    assert (built.drop_worst_ratio, built.drop_worst_after) == (0.2, 6000)
+
+
+def test_reduce_metrics_divide_by_kept_tokens(setup):
+    dictionary, task, model, sample = setup
+    crit = MueCriterion(task, drop_worst_ratio=0.3)
+    crit.set_num_updates(1)
+    log = crit(model, sample)[2]
+    with metrics.aggregate() as agg:
+        MueCriterion.reduce_metrics([log])
+        values = agg.get_smoothed_values()
+    assert log["sample_size"] == 6
+    assert values["loss"] == pytest.approx(float(log["loss"]) / 6 / math.log(2), abs=1e-3)
+    assert values["nll_loss"] == pytest.approx(float(log["nll_loss"]) / 6 / math.log(2), abs=1e-3)
+    assert values["nll_loss_l1"] == pytest.approx(float(log["nll_loss_l1"]) / 6 / math.log(2), abs=1e-3)

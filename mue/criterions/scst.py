@@ -308,7 +308,8 @@ class ScstCriterion(FairseqCriterion):
         states = states[:, first_row:, : target.size(1)]
         keep = target.ne(self.padding_idx)
         loss_l, _, _ = layerwise_label_smoothed_nll(states[:, keep], model.decoder.project, target[keep],
-                                                    self.eps, ignore_index=self.padding_idx)
+                                                    self.eps, ignore_index=self.padding_idx,
+                                                    layer_weights=self.layer_weights)
         return mean_over_layers(loss_l, self.layer_weights), int(keep.sum())
 
     # ---- metrics -------------------------------------------------------------------------------

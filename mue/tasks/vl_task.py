@@ -441,6 +441,13 @@ class VisionLanguageTask(FairseqTask):
         """Target-side token ids -> text (bos/eos/pad dropped)."""
         return self.tokenizer.decode(tokens, self.dict).strip()
 
+    # ---- training --------------------------------------------------------------------------
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        """fairseq's step; the criterion learns the update count (drop-worst starts after --drop-worst-after)."""
+        if hasattr(criterion, "set_num_updates"):
+            criterion.set_num_updates(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
     # ---- evaluation ------------------------------------------------------------------------
     def valid_step(self, sample, model, criterion):
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
