@@ -118,8 +118,9 @@ def real_stages(task: str, args) -> List[Stage]:
     cider = ["--eval-cider", "--eval-args", '{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}',
              "--best-checkpoint-metric", "cider", "--maximize-best-checkpoint-metric",
              *freeze_options(bool(args.ofa_checkpoint))]
-    # stage 1: cross-entropy (OFA's drop-worst is not implemented: every token is trained on)
-    stages = [Stage("stage1", common("0.1") + cider + ["--criterion", "mue", "--label-smoothing", "0.1"],
+    # stage 1: cross-entropy with OFA's drop-worst (20 % highest-loss tokens left out after 6000 updates)
+    stages = [Stage("stage1", common("0.1") + cider + ["--criterion", "mue", "--label-smoothing", "0.1",
+                                                       "--drop-worst-ratio", "0.2", "--drop-worst-after", "6000"],
                     args.epochs or 5, args.batch_size or 8, args.lr or 1e-5)]
     if args.scst_epochs != 0:  # stage 2: self-critical with a CIDEr-D reward, no dropout, 2 images per step
         stages.append(Stage("stage2", common("0.0") + cider + [

@@ -257,6 +257,12 @@ def test_full_run_arguments_and_yaml_agree(fake_run, script, lr, epochs, batch, 
     assert y.task.patch_image_size == 480 and y.model.encoder_embed_dim == 768
     if criterion == "mue":
         assert y.criterion.label_smoothing == float(option(argv, "--label-smoothing"))
+        drop = script == "caption_stage1.sh"  # OFA's drop-worst is a caption stage-1 trick
+        assert y.criterion.get("drop_worst_ratio", 0.0) == (0.2 if drop else 0.0)
+        assert ("--drop-worst-ratio" in argv) == drop
+        if drop:
+            assert float(option(argv, "--drop-worst-ratio")) == 0.2 and int(option(argv, "--drop-worst-after")) == 6000
+            assert y.criterion.drop_worst_after == 6000
     else:
         assert y.criterion.scst_samples == int(option(argv, "--scst-samples")) == 5
 

@@ -11,8 +11,8 @@
 # frozen token embeddings, validation CIDEr with beam 5, max_len_b 16, no-repeat 3-gram; like SNLI-VE:
 # polynomial decay with 6 % warm-up, Adam (0.9, 0.999, 1e-8), weight decay 0.01, clip 1.0, dropout 0.1,
 # drop-path 0.1, 480 px, max source 80, max target 20, effective batch 64.
-# NOT IMPLEMENTED: OFA's "drop-worst" (ignore the 20 % highest-loss tokens after 6000 updates); the `mue`
-# criterion has no such option, so this run trains on every token. Results can differ slightly from OFA's.
+# OFA's drop-worst: after 6000 updates each layer's loss leaves out its 20 % highest-loss tokens
+# (--drop-worst-ratio 0.2 --drop-worst-after 6000).
 # The best checkpoint (by validation CIDEr) is SAVE_DIR/checkpoint_best.pt: the input of caption_stage2.sh.
 # --synthetic: mue_ofa_micro from scratch on a synthetic benchmark (generated into DATA_DIR if missing),
 # 64 px, CPU, 2 epochs, validation beam 2: a small CPU version of the same run, except that the token
@@ -29,18 +29,20 @@ if [[ "$SYNTHETIC" == 1 ]]; then
     EPOCHS="${EPOCHS:-2}"
     EVAL_ARGS='{"beam": 2, "max_len_b": 16, "no_repeat_ngram_size": 3}'
     FREEZE=()  # from scratch: the tied embedding / output layer must learn
+    DROP_WORST=()  # a few hundred updates: drop-worst (after 6000) would never start
 else
     DATA="$DATA_DIR"
     EPOCHS="${EPOCHS:-5}"
     EVAL_ARGS='{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}'
     FREEZE=(--freeze-embeddings)  # OFA's pretrained embeddings stay as they are
+    DROP_WORST=(--drop-worst-ratio 0.2 --drop-worst-after 6000)  # OFA's stage 1
 fi
 schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
 optimization_args
 
 launch "$DATA" --task mue_caption "${RUN[@]}" "${OPTIM[@]}" \
     --max-src-length 80 --max-tgt-length 20 "${FREEZE[@]}" \
-    --criterion mue --label-smoothing 0.1 \
+    --criterion mue --label-smoothing 0.1 "${DROP_WORST[@]}" \
     --dropout 0.1 --attention-dropout 0.0 --encoder-drop-path-rate 0.1 --decoder-drop-path-rate 0.1 \
     --eval-cider --eval-args "$EVAL_ARGS" \
     --best-checkpoint-metric cider --maximize-best-checkpoint-metric \
