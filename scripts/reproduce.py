@@ -245,7 +245,8 @@ def train_run(args, run: str, extra: Sequence[str]) -> str:
                "--seed", str(args.seed), "--num-workers", str(args.num_workers), "--log-format", "simple",
                "--log-interval", "50" if args.synthetic else "10"]
         if st.name == "stage2":
-            cmd += ["--scst-cider-df", os.path.join(args.out, "checkpoints", "cider_d_df.json")]
+            cmd += ["--scst-cider-df", os.path.join(args.out, "checkpoints", "cider_d_df.json"),
+                    "--scst-refs", os.path.join(args.out, "checkpoints", "train_refs.sqlite")]
         if init:
             cmd += ["--finetune-from-model", init]
         if args.ngpu == 0:

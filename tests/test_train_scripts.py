@@ -180,6 +180,8 @@ def test_caption_stage2_synthetic_from_stage1(stage1, synthetic_data, tmp_path):
     assert cfg["criterion"]["_name"] == "mue_scst" and cfg["criterion"]["scst_samples"] == 5
     assert cfg["criterion"]["scst_cider_df"] == str(save / "cider_d_df.json")
     assert (save / "cider_d_df.json").is_file()  # document frequencies of the training references
+    assert cfg["criterion"]["scst_refs"] == str(save / "train_refs.sqlite")
+    assert (save / "train_refs.sqlite").is_file()  # the training references' store, built at the first step
     assert cfg["model"]["dropout"] == 0.0
 
 
@@ -265,6 +267,11 @@ def test_full_run_arguments_and_yaml_agree(fake_run, script, lr, epochs, batch, 
             assert y.criterion.drop_worst_after == 6000
     else:
         assert y.criterion.scst_samples == int(option(argv, "--scst-samples")) == 5
+        save = Path(option(argv, "--save-dir"))  # both cache files live in the save dir, in shell and yaml
+        for key, flag, name in [("scst_cider_df", "--scst-cider-df", "cider_d_df.json"),
+                                ("scst_refs", "--scst-refs", "train_refs.sqlite")]:
+            assert option(argv, flag) == str(save / name), flag
+            assert y.criterion[key] == f"{y.checkpoint.save_dir}/{name}", key
 
 
 def test_freeze_embeddings_only_where_a_recipe_starts_from_pretrained_weights(fake_run):

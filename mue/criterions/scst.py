@@ -9,7 +9,11 @@ model in its own (training) mode, with gradients. sample_size is the number of s
 (B * k), so the optimised quantity is the mean per caption.
 
 References: the batch's `refs` (validation/test), else for training rows every reference of the row's
-image in its split (`CaptionDataset.references_by_image`, which merges one-caption-per-row files).
+image in its split (`CaptionDataset.references_by_image`, which merges one-caption-per-row files, reading
+every row at the first step). With `--scst-refs FILE` training rows' references are looked up per batch
+in a reference store instead (mue.data.reference_store: SQLite, image id -> references), built from the
+train split at the first step when FILE does not exist and rebuilt, with a warning, when the training file
+changed since; `python -m mue.data.reference_store build-refs` builds one ahead.
 Captions are decoded with the task's tokenizer and normalised as the references (`normalize_text`), with
 symbols that are not text (<unk>, <mask>, image codes) and punctuation-only tokens read as word breaks
 (`reward_text`), so that a sampled `a<mask>dog` is rewarded as "a dog", not "amaskdog".
@@ -17,7 +21,8 @@ symbols that are not text (<unk>, <mask>, image codes) and punctuation-only toke
 CIDEr-D document frequencies come from the TRAINING references (one document per image). With
 `--scst-cider-df FILE`: if FILE exists it is loaded (`CiderD.load_df`: mue's json, or OFA's
 `coco-train-words.p` pickle); otherwise they are computed from the task's train split at the first
-step and written to FILE for later runs. Without the option they are computed at every start.
+step (from the reference store with `--scst-refs`) and written to FILE for later runs. Without the
+option they are computed at every start.
 
 `--scst-ce-weight w > 0` adds w times MuE's layer-wise cross-entropy of the ground-truth caption
 (mean per target token, `layerwise_loss`, with `--label-smoothing`, `--layer-weights`,
@@ -67,6 +72,11 @@ class ScstConfig(FairseqDataclass):
         default=None,
         metadata={"help": "CIDEr-D document-frequency file: loaded if it exists, else computed from the "
                           "training references and written there"})
+    scst_refs: Optional[str] = field(
+        default=None,
+        metadata={"help": "reference store of the training captions (SQLite, mue.data.reference_store): "
+                          "references looked up per batch instead of reading every training row at the "
+                          "first step; built there from the train split if missing, rebuilt if stale"})
     scst_ce_weight: float = field(
         default=0.0, metadata={"help": "weight of the layer-wise cross-entropy on the ground truth"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the CE term"})
@@ -129,9 +139,8 @@ def reward_text(tokenizer, dictionary, tokens) -> str:
 # ---- CIDEr-D with training document frequencies ---------------------------------------------------
 
 
-def training_references(task) -> List[List[str]]:
-    """Every training image's normalised references (one list per image) from the task's train split;
-    the split is opened on the side if the task has not loaded it."""
+def training_dataset(task):
+    """The task's train split as a dataset with references; opened on the side if not loaded."""
     split = task.cfg.train_subset
     dataset = task.datasets.get(split)
     if dataset is None:
@@ -139,11 +148,17 @@ def training_references(task) -> List[List[str]]:
     if not hasattr(dataset, "references_by_image"):
         raise TypeError(f"criterion mue_scst: split {split!r} ({type(dataset).__name__}) has no "
                         "references_by_image(); use it with --task mue_caption")
-    return list(dataset.references_by_image().values())
+    return dataset
 
 
-def load_or_build_cider(task, path: Optional[str]) -> CiderD:
-    """CIDEr-D scorer with training-set document frequencies, read from / cached to `path` (see module)."""
+def training_references(task) -> List[List[str]]:
+    """Every training image's normalised references (one list per image) from the task's train split."""
+    return list(training_dataset(task).references_by_image().values())
+
+
+def load_or_build_cider(task, path: Optional[str], store=None) -> CiderD:
+    """CIDEr-D scorer with training-set document frequencies, read from / cached to `path` (see module);
+    when computed, from the reference store `store` if given, else from the train split."""
     if path and os.path.exists(path):
         try:
             scorer = CiderD.load_df(path)
@@ -153,7 +168,7 @@ def load_or_build_cider(task, path: Optional[str]) -> CiderD:
                              "references") from None
         logger.info("CIDEr-D document frequencies of %d images read from %s", scorer.num_docs, path)
         return scorer
-    scorer = CiderD.from_corpus(training_references(task))
+    scorer = CiderD.from_corpus(store.iter_all() if store is not None else training_references(task))
     logger.info("CIDEr-D document frequencies computed from %d training images", scorer.num_docs)
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -172,7 +187,8 @@ class ScstCriterion(FairseqCriterion):
     """Self-critical sequence training with a CIDEr-D reward (see the module docstring)."""
 
     def __init__(self, task, scst_samples=5, scst_beam=False, scst_max_len_b=16, scst_cider_df=None,
-                 scst_ce_weight=0.0, label_smoothing=0.0, layer_weights=None, last_layer_only=False):
+                 scst_refs=None, scst_ce_weight=0.0, label_smoothing=0.0, layer_weights=None,
+                 last_layer_only=False):
         super().__init__(task)
         if scst_samples < 2:
             raise ValueError(f"--scst-samples must be >= 2 (leave-one-out baseline), got {scst_samples}")
@@ -184,6 +200,8 @@ class ScstCriterion(FairseqCriterion):
         self.beam = scst_beam
         self.max_len_b = scst_max_len_b
         self.cider_df = scst_cider_df
+        self.refs_path = scst_refs
+        self._store = None
         self.ce_weight = scst_ce_weight
         self.eps = label_smoothing
         self.layer_weights = parse_layer_weights(layer_weights)
@@ -197,8 +215,18 @@ class ScstCriterion(FairseqCriterion):
     @property
     def scorer(self) -> CiderD:
         if self._scorer is None:
-            self._scorer = load_or_build_cider(self.task, self.cider_df)
+            store = self.reference_store if self.refs_path else None
+            self._scorer = load_or_build_cider(self.task, self.cider_df, store)
         return self._scorer
+
+    @property
+    def reference_store(self):
+        """The training references' store at --scst-refs (opened, built or rebuilt at first use)."""
+        if self._store is None:
+            from mue.data.reference_store import open_reference_store  # not at import: `python -m` runs it
+
+            self._store = open_reference_store(self.refs_path, training_dataset(self.task))
+        return self._store
 
     def generator(self, model) -> SequenceGenerator:
         """fairseq's generator for `model` (full model, no exits): sampling or beam, k results per row."""
@@ -227,13 +255,16 @@ class ScstCriterion(FairseqCriterion):
         return [[h["tokens"] for h in hyps] for hyps in hypos]
 
     def references(self, sample) -> List[List[str]]:
-        """Normalised references per row: the batch's `refs`, else the row's image's training references."""
+        """Normalised references per row: the batch's `refs`, else the row's image's training references
+        (from the --scst-refs store when given, one lookup per batch)."""
         if sample.get("refs") is not None:
             return sample["refs"]
         split, image_ids = sample.get("split"), sample.get("image_ids")
         if split is None or image_ids is None:
             raise ValueError("criterion mue_scst: the batch has neither 'refs' nor 'split' + 'image_ids' to "
                              "find the references (use --task mue_caption)")
+        if self.refs_path and split == self.task.cfg.train_subset:
+            return self.reference_store.refs(image_ids)
         by_image = self.task.dataset(split).references_by_image()
         missing = [i for i in image_ids if i not in by_image]
         if missing:

@@ -13,13 +13,16 @@
 # each row becomes 5 sampled captions plus, with a CE weight, its ground truth).
 # CIDEr-D document frequencies: CIDER_DF (default SAVE_DIR/cider_d_df.json); mue_scst computes them from
 # the training references at the first step and writes the file when it does not exist yet.
+# Training references: SCST_REFS (default SAVE_DIR/train_refs.sqlite), a reference store looked up per
+# batch; built from train.tsv at the first step when missing (or ahead, with
+# `python -m mue.data.reference_store build-refs DATA_DIR/train.tsv --out FILE`), rebuilt if train.tsv changed.
 # SCST_CE_WEIGHT (default 0: plain SCST, as the reference run) adds that much of MuE's layer-wise
 # cross-entropy on the ground truth, to keep every decoder layer a usable exit.
 # --synthetic: mue_ofa_micro on a synthetic benchmark (generated into DATA_DIR if missing), 64 px, CPU,
 # 1 epoch; from scratch, or from FINETUNE_FROM (e.g. a synthetic stage-1 checkpoint_best.pt) when set.
 # Its token embeddings train (no --freeze-embeddings): the chain starts from scratch, not from OFA's weights.
 # Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, SYN_NUM_* (see common.sh), CIDER_DF,
-# SCST_CE_WEIGHT, FINETUNE_FROM (synthetic only).
+# SCST_REFS, SCST_CE_WEIGHT, FINETUNE_FROM (synthetic only).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
 model_run 1e-4 1e-5
@@ -48,7 +51,7 @@ mkdir -p "$SAVE_DIR"
 launch "$DATA" --task mue_caption "${RUN[@]}" "${OPTIM[@]}" \
     --max-src-length 80 --max-tgt-length 20 "${FREEZE[@]}" \
     --criterion mue_scst --scst-samples 5 --scst-cider-df "${CIDER_DF:-$SAVE_DIR/cider_d_df.json}" \
-    --scst-ce-weight "${SCST_CE_WEIGHT:-0}" \
+    --scst-refs "${SCST_REFS:-$SAVE_DIR/train_refs.sqlite}" --scst-ce-weight "${SCST_CE_WEIGHT:-0}" \
     --dropout 0.0 --attention-dropout 0.0 --encoder-drop-path-rate 0.0 --decoder-drop-path-rate 0.0 \
     --eval-cider --eval-args "$EVAL_ARGS" \
     --best-checkpoint-metric cider --maximize-best-checkpoint-metric \
