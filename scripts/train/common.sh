@@ -7,14 +7,22 @@
 #   * make_synthetic_data DIR: writes a tiny synthetic benchmark there (mue.data.synthetic) unless present;
 #   * schedule_updates ROWS EPOCHS: BATCH_SIZE, UPDATE_FREQ (effective batch EFFECTIVE_BATCH),
 #     TOTAL_UPDATES and WARMUP_UPDATES (polynomial decay, WARMUP_RATIO of the total, default 0.06);
-#   * launch ARGS...: fairseq-train with ARGS, in one process, or under torchrun with NGPU processes.
+#   * launch ARGS...: fairseq-train with ARGS, in one process, or under torchrun with NGPU processes
+#     (on each of NNODES machines).
 #
 # Environment (all optional):
 #   NGPU             processes/GPUs (default 1); > 1 uses torchrun --nproc-per-node NGPU and
 #                    --distributed-world-size NGPU (in synthetic mode CPU processes on gloo)
+#   NNODES           machines (default 1); > 1 runs the same command on every machine, each with its own
+#                    NODE_RANK, under torchrun --nnodes NNODES --node-rank NODE_RANK --master-addr MASTER_ADDR
+#                    --master-port MASTER_PORT --nproc-per-node NGPU, --distributed-world-size NNODES*NGPU
+#   NODE_RANK        this machine's number, 0 .. NNODES-1 (required when NNODES > 1); machine 0 holds
+#                    ranks 0 .. NGPU-1, so rank 0, which writes the checkpoints, is always on it
+#   MASTER_ADDR      address of machine 0 that the others can reach (required when NNODES > 1)
+#   MASTER_PORT      a free TCP port on machine 0 (default 29500, torchrun's)
 #   BATCH_SIZE       sentences per process and step (default: 8; synthetic 8)
-#   EFFECTIVE_BATCH  sentences per update over all processes (default 64; synthetic BATCH_SIZE*NGPU):
-#                    --update-freq = EFFECTIVE_BATCH / (BATCH_SIZE * NGPU)
+#   EFFECTIVE_BATCH  sentences per update over all processes (default 64; synthetic BATCH_SIZE*NNODES*NGPU):
+#                    --update-freq = EFFECTIVE_BATCH / (BATCH_SIZE * NNODES * NGPU)
 #   EPOCHS           training epochs (default: the paper's; synthetic 2)
 #   SYN_NUM_TRAIN, SYN_NUM_VALID, SYN_NUM_TEST   synthetic images per split (default 64, 8, 8)
 #   PYTHON           python with mue and fairseq installed (default: python on PATH)
@@ -33,6 +41,8 @@ print(list(spec.submodule_search_locations)[0] if spec and spec.submodule_search
     2>/dev/null || true)"
 USER_DIR="${USER_DIR:-$REPO_ROOT/mue}"
 NGPU="${NGPU:-1}"
+NNODES="${NNODES:-1}"
+MASTER_PORT="${MASTER_PORT:-29500}"
 WARMUP_RATIO="${WARMUP_RATIO:-0.06}"
 
 die() {
@@ -71,6 +81,16 @@ parse_args() {
 $PYTHON -m mue.checkpoints.convert_ofa OFA.pt OUT.pt)"
     fi
     [[ "$NGPU" =~ ^[1-9][0-9]*$ ]] || die "NGPU must be a positive integer, got '$NGPU'"
+    [[ "$NNODES" =~ ^[1-9][0-9]*$ ]] || die "NNODES must be a positive integer, got '$NNODES'"
+    if ((NNODES > 1)); then
+        [[ "${NODE_RANK:-}" =~ ^(0|[1-9][0-9]*)$ ]] && ((NODE_RANK < NNODES)) ||
+            die "NNODES=$NNODES needs NODE_RANK, this machine's number from 0 to $((NNODES - 1)), got '${NODE_RANK:-}'"
+        [[ -n "${MASTER_ADDR:-}" ]] ||
+            die "NNODES=$NNODES needs MASTER_ADDR, the address of the machine with NODE_RANK=0"
+        [[ "$MASTER_PORT" =~ ^[1-9][0-9]{0,4}$ ]] && ((MASTER_PORT < 65536)) ||
+            die "MASTER_PORT must be a port number, got '$MASTER_PORT'"
+    fi
+    NPROCS=$((NNODES * NGPU))  # all processes (not WORLD_SIZE: torchrun exports that name)
     EXTRA_ARGS=("$@")
 }
 
@@ -94,11 +114,11 @@ count_rows() {
 
 # schedule_updates ROWS EPOCHS -> BATCH_SIZE, UPDATE_FREQ, TOTAL_UPDATES, WARMUP_UPDATES.
 # fairseq's polynomial_decay needs the update count (OFA gives a warm-up ratio), so it is computed here
-# the way fairseq batches: ceil(ceil(rows / (batch * ngpu)) / update_freq) updates per epoch.
+# the way fairseq batches: ceil(ceil(rows / (batch * world size)) / update_freq) updates per epoch.
 schedule_updates() {
     local rows="$1" epochs="$2" per_step
     BATCH_SIZE="${BATCH_SIZE:-8}"
-    per_step=$((BATCH_SIZE * NGPU))
+    per_step=$((BATCH_SIZE * NPROCS))
     if [[ -z "${EFFECTIVE_BATCH:-}" ]]; then
         EFFECTIVE_BATCH=64
         if [[ "$SYNTHETIC" == 1 ]]; then
@@ -106,6 +126,9 @@ schedule_updates() {
         fi
     fi
     if ((EFFECTIVE_BATCH % per_step != 0)); then
+        if ((NNODES > 1)); then
+            die "EFFECTIVE_BATCH=$EFFECTIVE_BATCH is not a multiple of BATCH_SIZE*NNODES*NGPU=$BATCH_SIZE*$NNODES*$NGPU"
+        fi
         die "EFFECTIVE_BATCH=$EFFECTIVE_BATCH is not a multiple of BATCH_SIZE*NGPU=$BATCH_SIZE*$NGPU"
     fi
     UPDATE_FREQ=$((EFFECTIVE_BATCH / per_step))
@@ -113,7 +136,7 @@ schedule_updates() {
     local per_epoch=$(((steps + UPDATE_FREQ - 1) / UPDATE_FREQ))
     TOTAL_UPDATES=$((per_epoch * epochs))
     WARMUP_UPDATES=$("$PYTHON" -c "print(int($WARMUP_RATIO * $TOTAL_UPDATES))")
-    echo "$rows training rows, batch $BATCH_SIZE x $NGPU process(es) x update-freq $UPDATE_FREQ:" \
+    echo "$rows training rows, batch $BATCH_SIZE x $NPROCS process(es) x update-freq $UPDATE_FREQ:" \
         "$TOTAL_UPDATES updates over $epochs epoch(s), $WARMUP_UPDATES warm-up"
 }
 
@@ -139,18 +162,26 @@ optimization_args() {
            --required-batch-size-multiple 1 --no-epoch-checkpoints --log-format simple)
 }
 
-# launch ARGS...: fairseq-train ARGS (plus --user-dir), under torchrun when NGPU > 1.
+# launch ARGS...: fairseq-train ARGS (plus --user-dir), under torchrun when NNODES*NGPU > 1.
+# Several machines use torchrun's static rendezvous (--node-rank, --master-addr) rather than c10d: c10d
+# numbers the machines by sorting their host names, so rank 0, which writes the checkpoints and reads the
+# one to resume from, could be on any machine; here it is always on NODE_RANK 0.
 launch() {
     local train="${FAIRSEQ_TRAIN:-$(command -v fairseq-train || true)}"
     [[ -n "$train" ]] || die "fairseq-train not found on PATH (activate the virtualenv or set FAIRSEQ_TRAIN)"
     mkdir -p "$SAVE_DIR"
     local args=("$@" --user-dir "$USER_DIR" --save-dir "$SAVE_DIR")
-    if ((NGPU > 1)); then
+    if ((NPROCS > 1)); then
         # torchrun sets RANK/WORLD_SIZE; fairseq needs --distributed-world-size (see mue/compat.py)
         local torchrun="${TORCHRUN:-$(command -v torchrun || true)}"
-        [[ -n "$torchrun" ]] || die "NGPU=$NGPU needs torchrun on PATH"
+        [[ -n "$torchrun" ]] || die "NNODES=$NNODES x NGPU=$NGPU processes need torchrun on PATH"
+        local where=(--standalone)
+        if ((NNODES > 1)); then
+            where=(--nnodes "$NNODES" --node-rank "$NODE_RANK"
+                   --master-addr "$MASTER_ADDR" --master-port "$MASTER_PORT")
+        fi
         set -x
-        "$torchrun" --standalone --nproc-per-node "$NGPU" "$train" "${args[@]}" --distributed-world-size "$NGPU"
+        "$torchrun" "${where[@]}" --nproc-per-node "$NGPU" "$train" "${args[@]}" --distributed-world-size "$NPROCS"
     else
         set -x
         "$train" "${args[@]}"
