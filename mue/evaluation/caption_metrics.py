@@ -28,7 +28,7 @@ import logging
 import math
 import os
 import sys
-from typing import Dict, Hashable, Iterable, List, Optional, Sequence
+from typing import Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 from .result_files import is_coco_annotations, load_coco_references
 
@@ -105,17 +105,7 @@ def compute_caption_metrics(
         raise ValueError(f"caption metrics: unknown metric(s) {sorted(unknown)}; choose from {ALL_METRICS}")
     check_hyps_refs(hyps, refs)
     ids = list(refs)
-    key = {k: str(i) for i, k in enumerate(ids)}  # PTB tokenizer and SPICE want plain, unique keys
-    gts = {key[k]: [{"caption": r} for r in refs[k]] for k in ids}
-    res = {key[k]: [{"caption": hyps[k]}] for k in ids}
-    if ptb_tokenize:
-        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-
-        tok = PTBTokenizer()
-        gts, res = tok.tokenize(gts), tok.tokenize(res)
-    else:
-        gts = {k: [" ".join(c["caption"].lower().split()) for c in v] for k, v in gts.items()}
-        res = {k: [" ".join(c["caption"].lower().split()) for c in v] for k, v in res.items()}
+    gts, res = tokenized(hyps, refs, ptb_tokenize)
 
     scorers = []
     if "bleu" in metrics:
@@ -150,6 +140,24 @@ def compute_caption_metrics(
         out.update({name: float(s) for name, s in zip(names, scores)})
     out["num_images"] = len(ids)
     return out
+
+
+def tokenized(hyps: Dict[Hashable, str], refs: Dict[Hashable, Sequence[str]],
+              ptb_tokenize: bool = True) -> Tuple[Dict[str, List[str]], Dict[str, List[str]]]:
+    """(gts, res) as pycocoevalcap's scorers take them, keyed "0", "1", ... in the order of ``refs``:
+    PTB-tokenized, or lower-cased and split on whitespace with ``ptb_tokenize=False``."""
+    ids = list(refs)
+    key = {k: str(i) for i, k in enumerate(ids)}  # PTB tokenizer and SPICE want plain, unique keys
+    gts = {key[k]: [{"caption": r} for r in refs[k]] for k in ids}
+    res = {key[k]: [{"caption": hyps[k]}] for k in ids}
+    if ptb_tokenize:
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+        tok = PTBTokenizer()
+        return tok.tokenize(gts), tok.tokenize(res)
+    gts = {k: [" ".join(c["caption"].lower().split()) for c in v] for k, v in gts.items()}
+    res = {k: [" ".join(c["caption"].lower().split()) for c in v] for k, v in res.items()}
+    return gts, res
 
 
 class CaptionResults:
