@@ -51,6 +51,8 @@ RUNS = {
     "w/o layer-wise loss": ("lastlayer", ["--last-layer-only"]),
 }
 FULL = (1.0, 1.0, 1.0)
+SYNTHETIC_SCST_LR = 2e-5  # caption stage 2 on the shape scenes (--scst-epochs N)
+STAGE_TARGET = 0.99  # the stage comparison reports MuE at the dev setting keeping this share of full CIDEr
 
 # ------------------------------------------------------------------------------------------------------
 # Threshold sweeps, (image, text, decoder). "mue" is swept densely (Tables 1-3: trade-off, image vs text
@@ -131,12 +133,18 @@ def real_stages(task: str, args) -> List[Stage]:
 
 def synthetic_stages(task: str, args) -> List[Stage]:
     """mue_ofa_micro from scratch on the shape scenes (the demo's recipe); no validation, last checkpoint;
-    the embeddings train (``freeze_options(False)``)."""
-    options = ["--arch", "mue_ofa_micro", "--patch-image-size", str(args.image_size), "--num-codes", "0",
-               "--num-bins", "0", "--criterion", "mue", "--dropout", "0.1", "--disable-validation",
-               "--label-smoothing", "0.1" if task == "caption" else "0.0", *freeze_options(False)]
+    the embeddings train (``freeze_options(False)``). Caption with --scst-epochs N adds stage 2 (SCST)."""
+    model = ["--arch", "mue_ofa_micro", "--patch-image-size", str(args.image_size), "--num-codes", "0",
+             "--num-bins", "0", "--disable-validation", *freeze_options(False)]
+    options = model + ["--criterion", "mue", "--dropout", "0.1",
+                       "--label-smoothing", "0.1" if task == "caption" else "0.0"]
     epochs = args.epochs or (4 if task == "caption" else 6)
-    return [Stage(task, options, epochs, args.batch_size or 32, args.lr or 1e-3)]
+    if task != "caption" or not args.scst_epochs:
+        return [Stage(task, options, epochs, args.batch_size or 32, args.lr or 1e-3)]
+    return [Stage("stage1", options, epochs, args.batch_size or 32, args.lr or 1e-3),
+            Stage("stage2", model + ["--criterion", "mue_scst", "--scst-samples", "5", "--scst-ce-weight",
+                                     str(args.scst_ce_weight), "--dropout", "0.0"],
+                  args.scst_epochs, args.batch_size or 32, args.scst_lr or SYNTHETIC_SCST_LR)]
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -211,19 +219,21 @@ def task_data(args) -> str:
     return os.path.join(args.data, args.task) if args.synthetic else args.data
 
 
-def train_run(args, run: str, extra: Sequence[str]) -> str:
-    """Train one run (all its stages, each skipped when done); return the checkpoint to evaluate."""
+def train_run(args, run: str, extra: Sequence[str]) -> List[Tuple[str, str]]:
+    """Train one run (all its stages, each skipped when done); return (stage, checkpoint) per stage, the
+    last being the one to evaluate."""
     fairseq_task = TASKS[args.task]
     suffix, run_options = RUNS[run]
     stages = synthetic_stages(args.task, args) if args.synthetic else real_stages(args.task, args)
     data = task_data(args)
     init = args.ofa_checkpoint
-    ckpt = None
+    ckpts = []
     for i, st in enumerate(stages):
         name = f"{fairseq_task}_{suffix}" + (f"_{st.name}" if len(stages) > 1 else "")
         save_dir = os.path.join(args.out, "checkpoints", name)
         ckpt = os.path.join(save_dir, "checkpoint_last.pt" if args.synthetic else "checkpoint_best.pt")
         done = os.path.join(save_dir, "done")
+        ckpts.append((st.name, ckpt))
         if os.path.exists(done):
             print(f"reusing {ckpt}")
             init = ckpt
@@ -263,15 +273,11 @@ def train_run(args, run: str, extra: Sequence[str]) -> str:
         with open(done, "w") as f:
             f.write(f"{time.time() - start:.1f}\n")
         init = ckpt
-    return ckpt
+    return ckpts
 
 
-def evaluate_run(args, run: str, ckpt: str, generate_extra: Sequence[str]) -> None:
-    """Sweep the run's thresholds on the dev and test splits (records in OUT/runs)."""
-    from mue.evaluation.sweep import sweep
-
-    grid = SWEEPS["tiny" if args.tiny else "synthetic" if args.synthetic else args.task]
-    settings = grid["mue" if run == "mue" else "ablation"]
+def generate_args(args, generate_extra: Sequence[str]) -> List[str]:
+    """fairseq-generate options of every evaluation of the task (sizes, decoding, metrics)."""
     extra = ["--batch-size", str(args.eval_batch_size), "--num-workers", str(args.num_workers), "--quiet"]
     if args.synthetic:
         extra += ["--patch-image-size", str(args.image_size), "--num-codes", "0", "--num-bins", "0"]
@@ -283,9 +289,53 @@ def evaluate_run(args, run: str, ckpt: str, generate_extra: Sequence[str]) -> No
         extra += CAPTION_GENERATION
         if args.synthetic:  # METEOR starts a JVM per run; SPICE needs jars the synthetic path cannot fetch
             extra += ["--eval-metrics", "bleu,rouge,cider"]
+    return [*extra, *generate_extra]
+
+
+def evaluate_run(args, run: str, ckpt: str, generate_extra: Sequence[str]) -> None:
+    """Sweep the run's thresholds on the dev and test splits (records in OUT/runs)."""
+    from mue.evaluation.sweep import sweep
+
+    grid = SWEEPS["tiny" if args.tiny else "synthetic" if args.synthetic else args.task]
+    settings = grid["mue" if run == "mue" else "ablation"]
     sweep(task_data(args), TASKS[args.task], ckpt, os.path.join(args.out, "runs"), settings,
           (args.dev_split, args.test_split), run=run, full_run="full" if run == "mue" else None,
-          extra_args=[*extra, *generate_extra])
+          extra_args=generate_args(args, generate_extra))
+
+
+def compare_first_stage(args, stage1_ckpt: str, generate_extra: Sequence[str]) -> None:
+    """MuE's caption stage 1 vs its final stage on test, for the full model and at the thresholds chosen on
+    dev (``STAGE_TARGET``): the stage-1 checkpoint is evaluated there (records in OUT/stages/records) and
+    each pair compared by a paired bootstrap (OUT/stages/{task}_mue.json, a section of report.md)."""
+    from mue.evaluation.records import NoSettingMeetsTarget, is_never_exit, load_records, select_for_target
+    from mue.evaluation.stage_comparison import compare_stages, write_comparison
+    from mue.evaluation.sweep import generate_record, record_path
+
+    records = load_records(os.path.join(args.out, "runs"))
+    dev = [r for r in records if r.get("split") == args.dev_split]
+    test = [r for r in records if r.get("split") == args.test_split and r["task"] == args.task]
+    finals = [("full model", next(r for r in test if r["run"] == "full" and is_never_exit(r)))]
+    try:
+        chosen = select_for_target(dev, test, args.task, STAGE_TARGET)
+        finals.append((f"MuE, {100 * STAGE_TARGET:g} % of dev CIDEr", chosen["test_record"]))
+    except NoSettingMeetsTarget as err:
+        print(f"stage comparison: full model only ({err})")
+    folder = os.path.join(args.out, "stages")
+    pairs = []
+    for label, final in finals:
+        th = final["thresholds"]
+        setting = (th["img_thres"], th["txt_thres"], th["dec_thres"])
+        path = record_path(os.path.join(folder, "records"), TASKS[args.task], "mue stage1", args.test_split, setting)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        first = generate_record(task_data(args), TASKS[args.task], stage1_ckpt, args.test_split, setting, path,
+                                "mue stage1", generate_args(args, generate_extra))
+        pairs.append((label, first, final))
+    comparison = compare_stages(pairs)
+    write_comparison(os.path.join(folder, f"{TASKS[args.task]}_mue.json"), "mue", comparison)
+    for row in comparison["rows"]:
+        c = row["metrics"]["CIDEr"]
+        print(f"   stage 2 - stage 1, {row['setting']}: CIDEr {c['a']:.1f} -> {c['b']:.1f}, "
+              f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]")
 
 
 def render(out: str, title: str, dev_split: str = "valid", test_split: str = "test") -> str:
@@ -294,10 +344,13 @@ def render(out: str, title: str, dev_split: str = "valid", test_split: str = "te
     from mue.evaluation.records import load_records
     from mue.evaluation.report import render_report
 
+    from mue.evaluation.stage_comparison import section
+
     records = load_records(os.path.join(out, "runs"))
     test = [r for r in records if r.get("split") == test_split]
     dev = [r for r in records if r.get("split") == dev_split]
-    render_report(test, out, title, dev_records=dev, targets=(0.99, 0.96))
+    render_report(test, out, title, dev_records=dev, targets=(0.99, 0.96),
+                  extra_sections=section(os.path.join(out, "stages")))
     return paper_tables.render_paper_tables(dev, test, out, title)
 
 
@@ -322,8 +375,10 @@ def run_task(args, extra: Sequence[str] = ()) -> None:
     stage(f"2/4 training {args.task}: " + ", ".join(args.runs))
     ckpts = {run: train_run(args, run, extra) for run in args.runs}
     stage(f"3/4 evaluating {args.task} over threshold sweeps ({args.dev_split}, {args.test_split})")
-    for run, ckpt in ckpts.items():
-        evaluate_run(args, run, ckpt, generate_extra)
+    for run, stages in ckpts.items():
+        evaluate_run(args, run, stages[-1][1], generate_extra)
+    if len(ckpts["mue"]) > 1:
+        compare_first_stage(args, ckpts["mue"][0][1], generate_extra)
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -345,8 +400,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dev-split", default="valid", help="split that chooses thresholds (default valid)")
     p.add_argument("--test-split", default="test")
     p.add_argument("--epochs", type=int, help="training epochs (default: 5 real; synthetic 4 caption / 6 snli_ve)")
-    p.add_argument("--scst-epochs", type=int, help="caption stage 2 epochs on real data (default 3; 0: skip)")
+    p.add_argument("--scst-epochs", type=int, help="caption stage 2 (SCST) epochs (default 3 on real data; "
+                   "--synthetic: 0, no stage 2); with two stages the report compares them on test")
     p.add_argument("--scst-ce-weight", type=float, default=0.0, help="layer-wise CE weight in stage 2")
+    p.add_argument("--scst-lr", type=float, help=f"--synthetic stage 2 learning rate (default {SYNTHETIC_SCST_LR})")
     p.add_argument("--batch-size", type=int, help="sentences per process and step (default 8 real, 32 synthetic)")
     p.add_argument("--effective-batch", type=int, default=64, help="real data: sentences per update over all "
                    "processes (--update-freq follows)")
@@ -386,7 +443,8 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, List[str]]:
                      f"python -m mue.checkpoints.convert_ofa OFA.pt OUT.pt)")
     if args.tiny:
         args.epochs = args.epochs or 1
-        args.scst_epochs = 1 if args.scst_epochs is None else args.scst_epochs
+        if not args.synthetic:
+            args.scst_epochs = 1 if args.scst_epochs is None else args.scst_epochs
     if args.num_workers is None:
         args.num_workers = 0 if args.synthetic else 4
     return args, extra

@@ -88,3 +88,21 @@ def test_command_line_prints_the_table(tmp_path, capsys):
     assert "| CIDEr |" in out and "| BLEU-4 |" in out and "30 images, 200 rounds" in out
     with pytest.raises(SystemExit, match="missing.json"):
         main([str(pa), str(tmp_path / "missing.json")])
+
+
+def test_stage_comparison_rows_and_report_section(tmp_path):
+    from mue.evaluation.stage_comparison import SECTION_TITLE, compare_stages, section, write_comparison
+
+    refs, good, bad = corpus(40)
+    th = {"img_thres": 1.0, "txt_thres": 1.0, "dec_thres": 1.0}
+    first, final = record(bad, refs), record(good, refs)
+    final["thresholds"] = th
+    comparison = compare_stages([("full model", first, final)], rounds=200)
+    row = comparison["rows"][0]
+    assert row["n_images"] == 40 and row["metrics"]["CIDEr"]["low"] > 0
+    assert section(str(tmp_path / "stages")) == {}  # nothing written yet: no section
+    write_comparison(str(tmp_path / "stages" / "mue_caption_mue.json"), "mue", comparison)
+    text = section(str(tmp_path / "stages"))[SECTION_TITLE]
+    c = row["metrics"]["CIDEr"]
+    assert f"| mue | full model | img 1, txt 1, dec 1 | CIDEr | {c['a']:.1f} | {c['b']:.1f} | {c['diff']:+.1f} |" in text
+    assert "40 images" in text

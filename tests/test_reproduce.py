@@ -205,5 +205,19 @@ def test_real_data_path_on_ofa_format_files(synthetic, tmp_path):
                                                             ("mue", "valid")]
     assert all(set(r["metrics"]) >= {"Bleu_4", "CIDEr"} and "METEOR" not in r["metrics"] for r in recs)
     assert "Table 1 (COCO captioning)" in stdout
+    # stage 1 vs stage 2 on test: the stage-1 checkpoint evaluated at the full model's setting (and at the
+    # dev-chosen one when a setting keeps 99 %), each paired with the final record, in the report
+    comparison = json.load(open(tmp_path / "stages" / "mue_caption_mue.json"))
+    assert comparison["rows"][0]["setting"] == "full model" and len(comparison["rows"]) in (1, 2)
+    test_full = next(r for r in recs if r["run"] == "full" and r["split"] == "test")
+    for row in comparison["rows"]:
+        cider = row["metrics"]["CIDEr"]
+        assert row["n_images"] == test_full["n_examples"] and cider["low"] <= cider["diff"] <= cider["high"]
+    full_row = comparison["rows"][0]["metrics"]["CIDEr"]
+    assert full_row["b"] == pytest.approx(100 * test_full["metrics"]["CIDEr"], abs=1e-6)
+    stage1_recs = [json.load(open(p)) for p in glob.glob(str(tmp_path / "stages" / "records" / "*.json"))]
+    assert len(stage1_recs) == len(comparison["rows"]) and all(r["run"] == "mue stage1" for r in stage1_recs)
+    report = (tmp_path / "report.md").read_text()
+    assert "## Caption stage 1 -> stage 2" in report and "| mue | full model |" in report
     again = run_script(argv)
     assert "fairseq-train" not in again and again.count("reusing") == 2

@@ -12,7 +12,7 @@ import logging
 import os
 import re
 import sys
-from typing import Optional, Sequence
+from typing import Dict, Optional, Sequence
 
 from .calibration import calibration_table
 from .plots import X_AXES, plot_tradeoff
@@ -38,10 +38,12 @@ def _calibration(dev_records, records, task, target, baseline_run) -> str:
 
 def render_report(records: Sequence[dict], out_dir: str, title: str = "MuE evaluation report",
                   dev_records: Optional[Sequence[dict]] = None, targets: Sequence[float] = (0.99,),
-                  baseline_run: str = "full", quality: Optional[str] = None) -> str:
+                  baseline_run: str = "full", quality: Optional[str] = None,
+                  extra_sections: Optional[Dict[str, str]] = None) -> str:
     """Write ``out_dir/report.md`` (all tables, per task and split) and the PNG plots; return the
     headline markdown (the trade-off tables).  With ``dev_records``, add the target-selection
-    table (thresholds chosen on dev, reported on ``records``)."""
+    table (thresholds chosen on dev, reported on ``records``); ``extra_sections`` ({title: markdown})
+    are appended as they are (e.g. ``stage_comparison.section``)."""
     if not records:
         raise ValueError("render_report: no result records")
     for i, rec in enumerate(records):
@@ -72,6 +74,8 @@ def render_report(records: Sequence[dict], out_dir: str, title: str = "MuE evalu
                      target_table(dev_records, recs, task, targets, baseline_run=baseline_run, quality=quality),
                      f"### Thresholds with a guarantee (calibrated on dev, reported on {split})",
                      _calibration(dev_records, recs, task, targets[0], baseline_run)]
+    for title, text in (extra_sections or {}).items():
+        body += [f"## {title}", text]
     with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write("\n\n".join(body) + "\n")
     return "\n\n".join(headline)
