@@ -51,7 +51,7 @@ RUNS = {
     "w/o layer-wise loss": ("lastlayer", ["--last-layer-only"]),
 }
 FULL = (1.0, 1.0, 1.0)
-SYNTHETIC_SCST_LR = 2e-5  # caption stage 2 on the shape scenes (--scst-epochs N)
+SYNTHETIC_SCST_LR = 1e-4  # caption stage 2 on the shape scenes (--scst-epochs N), as caption_stage2.sh --synthetic
 STAGE_TARGET = 0.99  # the stage comparison reports MuE at the dev setting keeping this share of full CIDEr
 
 # ------------------------------------------------------------------------------------------------------
@@ -126,7 +126,8 @@ def real_stages(task: str, args) -> List[Stage]:
                     args.epochs or 5, args.batch_size or 8, args.lr or 1e-5)]
     if args.scst_epochs != 0:  # stage 2: self-critical with a CIDEr-D reward, no dropout, 2 images per step
         stages.append(Stage("stage2", common("0.0") + cider + [
-            "--criterion", "mue_scst", "--scst-samples", "5", "--scst-ce-weight", str(args.scst_ce_weight)],
+            "--criterion", "mue_scst", "--scst-samples", "5", "--scst-beam", "--scst-ce-weight",
+            str(args.scst_ce_weight)],
             args.scst_epochs or 3, 2, 1e-5))
     return stages
 
@@ -142,7 +143,7 @@ def synthetic_stages(task: str, args) -> List[Stage]:
     if task != "caption" or not args.scst_epochs:
         return [Stage(task, options, epochs, args.batch_size or 32, args.lr or 1e-3)]
     return [Stage("stage1", options, epochs, args.batch_size or 32, args.lr or 1e-3),
-            Stage("stage2", model + ["--criterion", "mue_scst", "--scst-samples", "5", "--scst-ce-weight",
+            Stage("stage2", model + ["--criterion", "mue_scst", "--scst-samples", "5", "--scst-beam", "--scst-ce-weight",
                                      str(args.scst_ce_weight), "--dropout", "0.0"],
                   args.scst_epochs, args.batch_size or 32, args.scst_lr or SYNTHETIC_SCST_LR)]
 
@@ -212,7 +213,8 @@ def make_synthetic_data(args) -> None:
     os.makedirs(args.data, exist_ok=True)
     run_logged([sys.executable, "-m", "mue.data.synthetic", "--out", args.data, "--seed", str(args.seed),
                 "--num-train", str(args.num_train), "--num-valid", str(args.num_eval), "--num-test",
-                str(args.num_eval), "--image-size", str(args.image_size)], os.path.join(args.data, "synthetic.log"))
+                str(args.num_test or args.num_eval), "--image-size", str(args.image_size)],
+               os.path.join(args.data, "synthetic.log"))
 
 
 def task_data(args) -> str:
@@ -413,6 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("synthetic data sizes")
     g.add_argument("--num-train", type=int, default=1000, help="training images")
     g.add_argument("--num-eval", type=int, default=100, help="images in each of valid and test")
+    g.add_argument("--num-test", type=int, help="test images, if not --num-eval (a stage comparison needs ~1000)")
     g.add_argument("--image-size", type=int, default=64)
     return p
 
@@ -429,7 +432,7 @@ def parse_args(argv=None) -> Tuple[argparse.Namespace, List[str]]:
             parser.error("--synthetic trains on the CPU in one process; leave out --ngpu")
         args.ngpu = 0
         if args.tiny:
-            args.num_train, args.num_eval = 8, 4
+            args.num_train, args.num_eval, args.num_test = 8, 4, None
     elif args.ngpu is None:
         import torch
 

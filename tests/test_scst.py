@@ -208,6 +208,31 @@ def test_teacher_forced_log_probs_match_the_generator(data, one_thread, monkeypa
     assert torch.allclose(scored[0], expected, atol=1e-4)
 
 
+def test_captions_never_repeat_a_trigram_by_default(data, one_thread):
+    """OFA's stage 2 blocks repeated 3-grams; fairseq's CPU fallback blocks nothing, so the generator uses
+    mue's NGramBlocker. A model biased towards one token would otherwise repeat it to the length limit."""
+    from mue.generation.ngram_blocking import NGramBlocker
+
+    for beam in ((), ("--scst-beam",)):
+        task, cfg, criterion = setup(data, "--scst-samples", "3", "--scst-max-len-b", "8", *beam)
+        model = task.build_model(cfg.model).eval()
+        with torch.no_grad():  # every logit but one word's is pushed down: without blocking, "w w w w ..."
+            word = task.target_dictionary.index("shapes")
+            model.decoder.output_projection.bias = torch.nn.Parameter(torch.zeros(len(task.target_dictionary)))
+            model.decoder.output_projection.bias[word] = 50.0
+        generator = criterion.generator(model)
+        assert isinstance(generator.repeat_ngram_blocker, NGramBlocker) and generator.repeat_ngram_blocker.n == 3
+        captions = criterion.sample_captions(model, train_batch(task))
+        for row in captions:
+            for tokens in row:
+                words = tokens.tolist()
+                trigrams = [tuple(words[i:i + 3]) for i in range(len(words) - 2)]
+                assert len(trigrams) == len(set(trigrams)), words
+                assert words.count(word) >= 2  # the bias took hold: the block is what stopped the repeats
+    task, cfg, criterion = setup(data, "--scst-no-repeat-ngram-size", "0")
+    assert criterion.generator(task.build_model(cfg.model)).repeat_ngram_blocker is None
+
+
 def test_ce_term_equals_the_layerwise_criterion(data, one_thread):
     task, cfg, criterion = setup(data, "--scst-samples", "2", "--scst-max-len-b", "5", "--scst-ce-weight", "0.5",
                                  "--label-smoothing", "0.1")

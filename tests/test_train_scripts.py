@@ -267,6 +267,7 @@ def test_full_run_arguments_and_yaml_agree(fake_run, script, lr, epochs, batch, 
             assert y.criterion.drop_worst_after == 6000
     else:
         assert y.criterion.scst_samples == int(option(argv, "--scst-samples")) == 5
+        assert y.criterion.scst_beam is True and "--scst-beam" in argv  # OFA's stage 2: beam search's 5 best
         save = Path(option(argv, "--save-dir"))  # both cache files live in the save dir, in shell and yaml
         for key, flag, name in [("scst_cider_df", "--scst-cider-df", "cider_d_df.json"),
                                 ("scst_refs", "--scst-refs", "train_refs.sqlite")]:

@@ -2,7 +2,8 @@
 
 Per image, k captions are drawn with the model in eval mode and without gradients (fairseq's
 SequenceGenerator: multinomial sampling at temperature 1 by default, `--scst-beam` for beam search's
-k best), starting from bos as in training. Each caption's reward is its CIDEr-D against the image's
+k best as OFA's stage 2 does; no repeated 3-grams by default, `--scst-no-repeat-ngram-size`), starting from
+bos as in training. Each caption's reward is its CIDEr-D against the image's
 references, its baseline the mean reward of the image's other k-1 captions (leave-one-out), and the
 loss is -sum_i (r_i - b_i) * log p(caption_i), the log-probability being teacher-forced through the
 model in its own (training) mode, with gradients. sample_size is the number of sampled captions
@@ -55,6 +56,7 @@ from torch import Tensor
 from mue.data.collater import pad_right
 from mue.data.tokenizer import normalize_text
 from mue.evaluation.cider_d import CiderD
+from mue.generation.ngram_blocking import NGramBlocker
 
 from .layerwise_loss import layerwise_label_smoothed_nll, mean_over_layers
 from .mue import parse_layer_weights
@@ -68,6 +70,8 @@ class ScstConfig(FairseqDataclass):
     scst_beam: bool = field(
         default=False, metadata={"help": "use beam search's k best captions instead of sampling"})
     scst_max_len_b: int = field(default=16, metadata={"help": "max tokens of a sampled caption (OFA: 16)"})
+    scst_no_repeat_ngram_size: int = field(
+        default=3, metadata={"help": "captions never repeat an n-gram of this size (OFA's stage 2: 3; 0: off)"})
     scst_cider_df: Optional[str] = field(
         default=None,
         metadata={"help": "CIDEr-D document-frequency file: loaded if it exists, else computed from the "
@@ -186,7 +190,8 @@ def load_or_build_cider(task, path: Optional[str], store=None) -> CiderD:
 class ScstCriterion(FairseqCriterion):
     """Self-critical sequence training with a CIDEr-D reward (see the module docstring)."""
 
-    def __init__(self, task, scst_samples=5, scst_beam=False, scst_max_len_b=16, scst_cider_df=None,
+    def __init__(self, task, scst_samples=5, scst_beam=False, scst_max_len_b=16, scst_no_repeat_ngram_size=3,
+                 scst_cider_df=None,
                  scst_refs=None, scst_ce_weight=0.0, label_smoothing=0.0, layer_weights=None,
                  last_layer_only=False):
         super().__init__(task)
@@ -194,6 +199,9 @@ class ScstCriterion(FairseqCriterion):
             raise ValueError(f"--scst-samples must be >= 2 (leave-one-out baseline), got {scst_samples}")
         if scst_max_len_b < 1:
             raise ValueError(f"--scst-max-len-b must be >= 1, got {scst_max_len_b}")
+        if scst_no_repeat_ngram_size < 0:
+            raise ValueError(f"--scst-no-repeat-ngram-size must be >= 0, got {scst_no_repeat_ngram_size}")
+        self.no_repeat_ngram_size = scst_no_repeat_ngram_size
         if not scst_ce_weight >= 0 or math.isinf(scst_ce_weight):
             raise ValueError(f"--scst-ce-weight must be a finite number >= 0, got {scst_ce_weight}")
         self.k = scst_samples
@@ -233,9 +241,12 @@ class ScstCriterion(FairseqCriterion):
         key = id(model)
         if key not in self._generators:
             args = Namespace(beam=self.k, sampling=not self.beam, max_len_a=0, max_len_b=self.max_len_b,
-                             min_len=1, temperature=1.0)
+                             min_len=1, temperature=1.0, no_repeat_ngram_size=self.no_repeat_ngram_size)
             training = model.training
-            self._generators[key] = self.task.build_generator([model], args, seq_gen_cls=SequenceGenerator)
+            generator = self.task.build_generator([model], args, seq_gen_cls=SequenceGenerator)
+            if generator.repeat_ngram_blocker is not None:  # fairseq's CPU fallback blocks nothing
+                generator.repeat_ngram_blocker = NGramBlocker(self.no_repeat_ngram_size)
+            self._generators[key] = generator
             model.train(training)  # SequenceGenerator.__init__ switches the model to eval mode
         return self._generators[key]
 

@@ -7,10 +7,11 @@
 # DATA_DIR: the caption TSVs of stage 1. STAGE1_CHECKPOINT: stage 1's best checkpoint
 # (caption_stage1.sh's SAVE_DIR/checkpoint_best.pt), loaded with --finetune-from-model.
 # Hyperparameters (docs/OFA.md, "MuE reference runs"): self-critical training, CIDEr-D reward with
-# document frequencies from the training references, leave-one-out baseline over 5 samples, lr 1e-5,
+# document frequencies from the training references, beam search's 5 best captions per image (OFA's
+# --scst-args beam 5, max_len_b 16) each with the leave-one-out baseline of the other four, lr 1e-5,
 # 3 epochs, no dropout (dropout and drop-path 0); as stage 1: polynomial decay with 6 % warm-up, Adam,
 # clip 1.0, frozen token embeddings, 480 px, effective batch 64 (BATCH_SIZE 2 per process by default:
-# each row becomes 5 sampled captions plus, with a CE weight, its ground truth).
+# each row becomes 5 captions plus, with a CE weight, its ground truth).
 # CIDEr-D document frequencies: CIDER_DF (default SAVE_DIR/cider_d_df.json); mue_scst computes them from
 # the training references at the first step and writes the file when it does not exist yet.
 # Training references: SCST_REFS (default SAVE_DIR/train_refs.sqlite), a reference store looked up per
@@ -50,7 +51,7 @@ mkdir -p "$SAVE_DIR"
 
 launch "$DATA" --task mue_caption "${RUN[@]}" "${OPTIM[@]}" \
     --max-src-length 80 --max-tgt-length 20 "${FREEZE[@]}" \
-    --criterion mue_scst --scst-samples 5 --scst-cider-df "${CIDER_DF:-$SAVE_DIR/cider_d_df.json}" \
+    --criterion mue_scst --scst-samples 5 --scst-beam --scst-cider-df "${CIDER_DF:-$SAVE_DIR/cider_d_df.json}" \
     --scst-refs "${SCST_REFS:-$SAVE_DIR/train_refs.sqlite}" --scst-ce-weight "${SCST_CE_WEIGHT:-0}" \
     --dropout 0.0 --attention-dropout 0.0 --encoder-drop-path-rate 0.0 --decoder-drop-path-rate 0.0 \
     --eval-cider --eval-args "$EVAL_ARGS" \
