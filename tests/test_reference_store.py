@@ -211,7 +211,7 @@ def test_scst_reads_an_existing_store_only(data, tmp_path, monkeypatch):
         raise AssertionError("every training row was read")
 
     monkeypatch.setattr(CaptionDataset, "references_by_image", read_all)
-    monkeypatch.setattr(rs, "dataset_rows", read_all)
+    monkeypatch.setattr(CaptionDataset, "reference_rows", read_all)
     _, _, stored = setup(data, "--scst-refs", str(path))
     assert stored.references(sample) == refs and stored.scorer.df == df  # df from iterating the store
 

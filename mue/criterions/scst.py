@@ -191,8 +191,7 @@ class ScstCriterion(FairseqCriterion):
     """Self-critical sequence training with a CIDEr-D reward (see the module docstring)."""
 
     def __init__(self, task, scst_samples=5, scst_beam=False, scst_max_len_b=16, scst_no_repeat_ngram_size=3,
-                 scst_cider_df=None,
-                 scst_refs=None, scst_ce_weight=0.0, label_smoothing=0.0, layer_weights=None,
+                 scst_cider_df=None, scst_refs=None, scst_ce_weight=0.0, label_smoothing=0.0, layer_weights=None,
                  last_layer_only=False):
         super().__init__(task)
         if scst_samples < 2:

@@ -13,7 +13,7 @@ Text that BPE-encodes to ids missing from the dictionary is an error (a wrong di
 Sizes are fixed upper bounds, so batching never decodes an image; every example is kept (nothing is
 filtered by size). Training order is a fresh permutation per epoch, evaluation order is the file order.
 """
-from typing import Dict, List, Sequence
+from typing import Dict, Iterable, Iterator, List, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -201,6 +201,16 @@ class SnliVeDataset(VisionLanguageDataset):
         return example
 
 
+def merge_references(rows: Iterable[Tuple[str, Sequence[str]]]) -> Dict[str, List[str]]:
+    """image id -> references from (image id, references) rows: rows of one image merged, exact duplicates
+    dropped, first-seen order (one caption per row and '&&'-joined rows both work)."""
+    merged: Dict[str, List[str]] = {}
+    for image_id, refs in rows:
+        kept = merged.setdefault(image_id, [])
+        kept.extend(ref for ref in refs if ref not in kept)
+    return merged
+
+
 class CaptionDataset(VisionLanguageDataset):
     """Caption examples (see the module docstring).
 
@@ -261,12 +271,13 @@ class CaptionDataset(VisionLanguageDataset):
         of an image's references per row joined with '&&': rows of one image are merged, exact
         duplicates dropped. Self-critical training scores samples against these (mue.criterions.scst)."""
         if self._refs_by_image is None:
-            merged: Dict[str, List[str]] = {}
-            for i in range(len(self)):
-                refs = merged.setdefault(self.image_id(i), [])
-                refs.extend(ref for ref in self.references(i) if ref not in refs)
-            self._refs_by_image = merged
+            self._refs_by_image = merge_references(self.reference_rows())
         return self._refs_by_image
+
+    def reference_rows(self) -> Iterator[Tuple[str, List[str]]]:
+        """(image id, normalised references) of each row, in file order, without decoding images."""
+        for i in range(len(self)):
+            yield self.image_id(i), self.references(i)
 
     def corpus_cider(self):
         """A CIDEr-D scorer with the document frequencies of this split's references (built once)."""

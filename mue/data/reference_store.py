@@ -7,8 +7,8 @@ store holds the result in an SQLite file, written once, from which a batch's ima
 one indexed query; the file is never read whole, except by ``iter_all`` (CIDEr-D document frequencies).
 
 Layout: table ``refs(image_id TEXT PRIMARY KEY, refs TEXT)``, ``refs`` a JSON list of the image's
-normalised references (rows of one image merged, exact duplicates dropped, first-seen order, as
-``references_by_image``), rows in the order images first appear; table ``meta(key, value)`` with the
+normalised references (rows of one image merged by ``merge_references``, as ``references_by_image``
+does), rows in the order images first appear; table ``meta(key, value)`` with the
 format name and version, the counts, and the source file's real path, size and mtime (ns). A store whose
 source file has changed since is stale: ``open_reference_store`` rebuilds it with a warning. Files are
 written to a temporary name and renamed into place, so a reader never sees half a store.
@@ -25,8 +25,9 @@ import os
 import sqlite3
 import tempfile
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+from mue.data.datasets import merge_references
 from mue.data.readers import DataError
 
 logger = logging.getLogger(__name__)
@@ -46,22 +47,6 @@ def source_signature(path: str) -> Tuple[str, int, int]:
     return os.path.realpath(path), st.st_size, st.st_mtime_ns
 
 
-def dataset_rows(dataset) -> Iterator[Tuple[str, List[str]]]:
-    """(image id, normalised references) of each row of a CaptionDataset, read without decoding images."""
-    for i in range(len(dataset)):
-        yield dataset.image_id(i), dataset.references(i)
-
-
-def merge_rows(rows: Iterable[Tuple[str, Sequence[str]]]) -> Dict[str, List[str]]:
-    """image id -> references, rows of one image merged and exact duplicates dropped
-    (``CaptionDataset.references_by_image``'s rule: one caption per row or '&&'-joined both work)."""
-    merged: Dict[str, List[str]] = {}
-    for image_id, refs in rows:
-        kept = merged.setdefault(str(image_id), [])
-        kept.extend(ref for ref in refs if ref not in kept)
-    return merged
-
-
 def build_reference_store(dataset_or_rows, path: str, source: Optional[str] = None) -> "ReferenceStore":
     """Write the store of ``dataset_or_rows`` to ``path`` (atomically) and return it (opened lazily).
 
@@ -69,20 +54,20 @@ def build_reference_store(dataset_or_rows, path: str, source: Optional[str] = No
     given) or an iterable of (image id, normalised references) pairs. Without a source file the store
     records none and is never considered stale. An unwritable ``path`` is a DataError naming it, raised
     before any data is read."""
-    is_dataset = hasattr(dataset_or_rows, "references") and hasattr(dataset_or_rows, "image_id")
+    is_dataset = hasattr(dataset_or_rows, "reference_rows")
     if is_dataset:
         source = source or getattr(getattr(dataset_or_rows, "reader", None), "path", None)
     signature = source_signature(source) if source else ("", -1, -1)  # before reading: a later edit is stale
     path = os.fspath(path)
     conn, tmp = _create(path)
     try:
-        merged = merge_rows(dataset_rows(dataset_or_rows) if is_dataset else dataset_or_rows)
+        merged = merge_references(dataset_or_rows.reference_rows() if is_dataset else dataset_or_rows)
         meta = {"format": FORMAT, "version": str(VERSION), "images": str(len(merged)),
                 "references": str(sum(len(refs) for refs in merged.values())), "source_path": signature[0],
                 "source_size": str(signature[1]), "source_mtime_ns": str(signature[2])}
         conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
         conn.executemany("INSERT INTO refs VALUES (?, ?)",
-                         ((image_id, json.dumps(refs)) for image_id, refs in merged.items()))
+                         ((str(image_id), json.dumps(refs)) for image_id, refs in merged.items()))
         conn.commit()
         conn.close()
         os.chmod(tmp, 0o644)  # mkstemp's file is private; a store is as readable as the data
