@@ -221,9 +221,9 @@ def task_data(args) -> str:
     return os.path.join(args.data, args.task) if args.synthetic else args.data
 
 
-def train_run(args, run: str, extra: Sequence[str]) -> List[Tuple[str, str]]:
-    """Train one run (all its stages, each skipped when done); return (stage, checkpoint) per stage, the
-    last being the one to evaluate."""
+def train_run(args, run: str, extra: Sequence[str]) -> List[str]:
+    """Train one run (all its stages, each skipped when done); return each stage's checkpoint, the last
+    being the one to evaluate."""
     fairseq_task = TASKS[args.task]
     suffix, run_options = RUNS[run]
     stages = synthetic_stages(args.task, args) if args.synthetic else real_stages(args.task, args)
@@ -235,7 +235,7 @@ def train_run(args, run: str, extra: Sequence[str]) -> List[Tuple[str, str]]:
         save_dir = os.path.join(args.out, "checkpoints", name)
         ckpt = os.path.join(save_dir, "checkpoint_last.pt" if args.synthetic else "checkpoint_best.pt")
         done = os.path.join(save_dir, "done")
-        ckpts.append((st.name, ckpt))
+        ckpts.append(ckpt)
         if os.path.exists(done):
             print(f"reusing {ckpt}")
             init = ckpt
@@ -378,9 +378,9 @@ def run_task(args, extra: Sequence[str] = ()) -> None:
     ckpts = {run: train_run(args, run, extra) for run in args.runs}
     stage(f"3/4 evaluating {args.task} over threshold sweeps ({args.dev_split}, {args.test_split})")
     for run, stages in ckpts.items():
-        evaluate_run(args, run, stages[-1][1], generate_extra)
+        evaluate_run(args, run, stages[-1], generate_extra)
     if len(ckpts["mue"]) > 1:
-        compare_first_stage(args, ckpts["mue"][0][1], generate_extra)
+        compare_first_stage(args, ckpts["mue"][0], generate_extra)
 
 
 # ------------------------------------------------------------------------------------------ command line

@@ -23,9 +23,6 @@ import numpy as np
 
 from .caption_metrics import bleu_stats, corpus_bleu, tokenized
 
-METRICS = ("CIDEr", "Bleu_4")
-
-
 def paired_inputs(a: dict, b: dict) -> tuple:
     """(hyps_a, hyps_b, refs) keyed by uniq_id from two records with per-image ``predictions``; refuses
     records that do not cover the same images with the same references."""
@@ -100,12 +97,16 @@ def compare_records(a: dict, b: dict, **kwargs) -> Dict[str, dict]:
     return paired_bootstrap(*paired_inputs(a, b), **kwargs)
 
 
+def metric_cells(metric: str, r: dict) -> str:
+    """Markdown cells "metric | A | B | difference | [low, high]" of one ``paired_bootstrap`` entry."""
+    label = "BLEU-4" if metric == "Bleu_4" else metric
+    return f"{label} | {r['a']:.1f} | {r['b']:.1f} | {r['diff']:+.1f} | [{r['low']:+.1f}, {r['high']:+.1f}]"
+
+
 def difference_table(result: Dict[str, dict], name_a: str, name_b: str) -> List[str]:
     """Markdown lines: one row per metric, B minus A with its interval."""
     lines = [f"| metric | {name_a} | {name_b} | difference | 95 % interval |", "|---|---|---|---|---|"]
-    for metric, r in result.items():
-        label = "BLEU-4" if metric == "Bleu_4" else metric
-        lines.append(f"| {label} | {r['a']:.1f} | {r['b']:.1f} | {r['diff']:+.1f} | [{r['low']:+.1f}, {r['high']:+.1f}] |")
+    lines += [f"| {metric_cells(metric, r)} |" for metric, r in result.items()]
     n = next(iter(result.values()))
     lines.append(f"\nPaired bootstrap over {n['images']} images, {n['rounds']} rounds; the gain is above noise "
                  "when the interval's lower end is above 0.")

@@ -10,7 +10,7 @@ import json
 import os
 from typing import Dict, List, Optional, Sequence
 
-from .paired_bootstrap import compare_records
+from .paired_bootstrap import compare_records, metric_cells
 from .records import format_thresholds
 
 SECTION_TITLE = "Caption stage 1 -> stage 2 (CIDEr-D optimisation)"
@@ -53,10 +53,8 @@ def stage_table(comparisons: Sequence[dict]) -> Optional[str]:
     for comp in comparisons:
         for row in comp["rows"]:
             images.add(row["n_images"])
-            for metric, r in row["metrics"].items():
-                label = "BLEU-4" if metric == "Bleu_4" else metric
-                lines.append(f"| {comp['run']} | {row['setting']} | {format_thresholds(row['thresholds'])} | {label} | "
-                             f"{r['a']:.1f} | {r['b']:.1f} | {r['diff']:+.1f} | [{r['low']:+.1f}, {r['high']:+.1f}] |")
+            lines += [f"| {comp['run']} | {row['setting']} | {format_thresholds(row['thresholds'])} | "
+                      f"{metric_cells(metric, r)} |" for metric, r in row["metrics"].items()]
     rounds = comparisons[0].get("rounds")
     lines.append(f"\nTest split ({', '.join(str(n) for n in sorted(images))} images), paired bootstrap over images "
                  f"({rounds} rounds): stage 2 pays off where the interval's lower end is above 0.")
