@@ -191,6 +191,34 @@ def test_forward_backward(data, one_thread, monkeypatch):
     assert float(model.encoder.layers[-1].fc1.weight.grad.abs().sum()) > 0
 
 
+def test_one_encoder_run_per_image_gives_the_per_row_logits_and_gradients(data, one_thread):
+    """SCST encodes each image once and shares it among its k (+ 1) decoder rows (`encoder_rows`): without
+    encoder dropout (the stage-2 recipes) the logits and gradients are those of encoding every row's copy."""
+    task, cfg, _ = setup(data, "--dropout", "0.0")
+    model = task.build_model(cfg.model).train()
+    net = train_batch(task)["net_input"]
+    order = torch.tensor([0, 0, 0, 1, 1, 1, 0, 1])  # 3 captions per image, then each image's ground truth
+    prev = net["prev_output_tokens"].index_select(0, order)
+    keys = ("src_tokens", "src_lengths", "patch_images", "patch_masks")
+
+    def logits_and_grads(shared):
+        model.zero_grad()
+        if shared:
+            logits, _ = model(**{k: net[k] for k in keys}, prev_output_tokens=prev, encoder_rows=order)
+        else:
+            logits, _ = model(**{k: net[k].index_select(0, order) for k in keys}, prev_output_tokens=prev)
+        weights = torch.randn(logits.shape, generator=torch.Generator().manual_seed(0))
+        (logits * weights).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    shared_logits, shared_grads = logits_and_grads(True)
+    row_logits, row_grads = logits_and_grads(False)
+    assert torch.allclose(shared_logits, row_logits, atol=1e-5)
+    assert shared_grads.keys() == row_grads.keys() and any(n.startswith("encoder.layers") for n in row_grads)
+    for name, grad in row_grads.items():  # (sums in another order: compared relative to the gradient's size)
+        assert float((shared_grads[name] - grad).norm()) <= 1e-5 * float(grad.norm()) + 1e-7, name
+
+
 def test_teacher_forced_log_probs_match_the_generator(data, one_thread, monkeypatch):
     """In eval mode (no dropout) the teacher-forced log-probs of the sampled captions equal the sums of
     the generator's per-token scores: the captions are scored as they were drawn (bos first)."""

@@ -28,8 +28,11 @@ option they are computed at every start.
 `--scst-ce-weight w > 0` adds w times MuE's layer-wise cross-entropy of the ground-truth caption
 (mean per target token, `layerwise_loss`, with `--label-smoothing`, `--layer-weights`,
 `--last-layer-only`), so all decoder layers stay usable for early exits. Sampled and ground-truth rows
-go through ONE model call (one forward per backward, as DistributedDataParallel needs; the encoder
-then runs on B * k (+ B) rows, as in OFA's SCST).
+go through ONE model call (one forward per backward, as DistributedDataParallel needs). The encoder runs
+once per image and its output is shared by the image's k (+ 1) decoder rows (`encoder_rows`), where OFA's
+SCST encodes every caption's copy of the image: the same loss and gradients when the encoder has no
+dropout (both shipped stage-2 recipes), k times less encoder work; with encoder dropout the k captions of
+an image share one dropout mask.
 
 Logged: loss (per caption), scst_loss (per caption), reward (mean CIDEr-D of the samples), baseline
 (mean leave-one-out baseline: equal to the mean reward by construction, a check), ce_loss (base 2,
@@ -312,9 +315,8 @@ class ScstCriterion(FairseqCriterion):
             prev = pad_right(list(sampled_prev) + list(net_input["prev_output_tokens"]), pad)
         else:
             prev = sampled_prev
-        inputs = {key: net_input[key].index_select(0, order)
-                  for key in ("src_tokens", "src_lengths", "patch_images", "patch_masks")}
-        logits, extra = model(**inputs, prev_output_tokens=prev, return_all_hiddens=with_ce)
+        inputs = {key: net_input[key] for key in ("src_tokens", "src_lengths", "patch_images", "patch_masks")}
+        logits, extra = model(**inputs, prev_output_tokens=prev, encoder_rows=order, return_all_hiddens=with_ce)
 
         n_seq = bsz * k
         seq_lp = sequence_log_probs(logits[:n_seq, : sampled_target.size(1)], sampled_target, pad)

@@ -108,10 +108,15 @@ class MueOFAModel(FairseqEncoderDecoderModel):
         return model
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, patch_images=None, patch_masks=None,
-                return_all_hiddens: bool = False, features_only: bool = False, **kwargs):
+                return_all_hiddens: bool = False, features_only: bool = False, encoder_rows=None, **kwargs):
+        """``encoder_rows`` [R] (optional): the decoder's row r reads source ``encoder_rows[r]``, so the
+        encoder runs once per source instead of once per decoder row (self-critical training scores k
+        captions of each image); the sources' keys/values are shared as in beam search."""
         encoder_out = self.encoder(src_tokens, src_lengths, patch_images, patch_masks, return_all_hiddens=return_all_hiddens)
         if self.training:
             average_batchnorm_statistics(self.encoder)
+        if encoder_rows is not None:
+            encoder_out = self.encoder.reorder_encoder_out(encoder_out, encoder_rows)
         return self.decoder(prev_output_tokens, encoder_out=encoder_out, features_only=features_only,
                             return_all_hiddens=return_all_hiddens)
 
