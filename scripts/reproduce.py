@@ -139,7 +139,7 @@ def synthetic_stages(task: str, args) -> List[Stage]:
              "--num-bins", "0", "--disable-validation", *freeze_options(False)]
     options = model + ["--criterion", "mue", "--dropout", "0.1",
                        "--label-smoothing", "0.1" if task == "caption" else "0.0"]
-    epochs = args.epochs or (4 if task == "caption" else 6)
+    epochs = args.epochs or (3 if task == "caption" else 4)
     if task != "caption" or not args.scst_epochs:
         return [Stage(task, options, epochs, args.batch_size or 32, args.lr or 1e-3)]
     return [Stage("stage1", options, epochs, args.batch_size or 32, args.lr or 1e-3),
@@ -223,7 +223,8 @@ def task_data(args) -> str:
 
 def train_run(args, run: str, extra: Sequence[str]) -> List[str]:
     """Train one run (all its stages, each skipped when done); return each stage's checkpoint, the last
-    being the one to evaluate."""
+    being the one to evaluate. The last stage saves into the run's folder (OUT/checkpoints/TASK_RUN), earlier
+    ones into TASK_RUN_STAGE (caption: mue_caption_mue_stage1, then mue_caption_mue)."""
     fairseq_task = TASKS[args.task]
     suffix, run_options = RUNS[run]
     stages = synthetic_stages(args.task, args) if args.synthetic else real_stages(args.task, args)
@@ -231,7 +232,7 @@ def train_run(args, run: str, extra: Sequence[str]) -> List[str]:
     init = args.ofa_checkpoint
     ckpts = []
     for i, st in enumerate(stages):
-        name = f"{fairseq_task}_{suffix}" + (f"_{st.name}" if len(stages) > 1 else "")
+        name = f"{fairseq_task}_{suffix}" + (f"_{st.name}" if i < len(stages) - 1 else "")
         save_dir = os.path.join(args.out, "checkpoints", name)
         ckpt = os.path.join(save_dir, "checkpoint_last.pt" if args.synthetic else "checkpoint_best.pt")
         done = os.path.join(save_dir, "done")
@@ -401,7 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fresh", action="store_true", help="delete this task's earlier checkpoints and records")
     p.add_argument("--dev-split", default="valid", help="split that chooses thresholds (default valid)")
     p.add_argument("--test-split", default="test")
-    p.add_argument("--epochs", type=int, help="training epochs (default: 5 real; synthetic 4 caption / 6 snli_ve)")
+    p.add_argument("--epochs", type=int, help="training epochs (default: 5 real; synthetic 3 caption / 4 snli_ve)")
     p.add_argument("--scst-epochs", type=int, help="caption stage 2 (SCST) epochs (default 3 on real data; "
                    "--synthetic: 0, no stage 2); with two stages the report compares them on test")
     p.add_argument("--scst-ce-weight", type=float, default=0.0, help="layer-wise CE weight in stage 2")

@@ -177,7 +177,11 @@ def test_synthetic_path_trains_three_runs_and_renders_the_tables(synthetic):
     tables = (out / "paper_tables.md").read_text()
     for n in (1, 2, 3, 4):
         assert tables.count(f"### Table {n}:") == 2
-    assert (out / "report.md").exists()
+    # captioning has two stages (the run's folder holds the last); the report compares them on test
+    for suffix in ("mue", "joint", "lastlayer"):
+        log = (out / "checkpoints" / f"mue_caption_{suffix}" / "train.log").read_text()
+        assert "--criterion mue_scst" in log and f"mue_caption_{suffix}_stage1/checkpoint_last.pt" in log, suffix
+    assert "## Caption stage 1 -> stage 2" in (out / "report.md").read_text()
     for task in ("snli_ve", "caption"):
         assert (out / f"figure_{task}_time_reduction.png").stat().st_size > 0
 
