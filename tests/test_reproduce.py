@@ -179,8 +179,10 @@ def test_synthetic_path_trains_three_runs_and_renders_the_tables(synthetic):
         assert tables.count(f"### Table {n}:") == 2
     # captioning has two stages (the run's folder holds the last); the report compares them on test
     for suffix in ("mue", "joint", "lastlayer"):
-        log = (out / "checkpoints" / f"mue_caption_{suffix}" / "train.log").read_text()
-        assert "--criterion mue_scst" in log and f"mue_caption_{suffix}_stage1/checkpoint_last.pt" in log, suffix
+        cfg = checkpoint_utils.load_checkpoint_to_cpu(str(out / "checkpoints" / f"mue_caption_{suffix}" /
+                                                          "checkpoint_last.pt"))["cfg"]
+        stage1 = str(out / "checkpoints" / f"mue_caption_{suffix}_stage1" / "checkpoint_last.pt")
+        assert (cfg.criterion._name, cfg.checkpoint.finetune_from_model) == ("mue_scst", stage1), suffix
     assert "## Caption stage 1 -> stage 2" in (out / "report.md").read_text()
     for task in ("snli_ve", "caption"):
         assert (out / f"figure_{task}_time_reduction.png").stat().st_size > 0
