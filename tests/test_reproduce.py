@@ -1,4 +1,4 @@
-"""scripts/reproduce.py and mue.evaluation.paper_tables.
+"""mue.benchmarks.reproduce (scripts/reproduce.py, scripts/demo.py) and mue.evaluation.paper_tables.
 
 Pure parts in-process (paper tables on hand-made records, option handling, the update schedule); then the
 script end to end in subprocesses at --tiny size: the synthetic path for both tasks and all three runs, and
@@ -15,9 +15,9 @@ import pytest
 
 from mue.evaluation.paper_tables import render_paper_tables, select_for_reduction, table1, table3, table4
 
+from mue.benchmarks import reproduce
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import reproduce  # noqa: E402
 
 RUN_NAMES = ("full", "mue", "w/o decomposition", "w/o layer-wise loss")
 
@@ -109,12 +109,25 @@ def test_task_options_of_pass_through_reach_generate_too():
                                                           "--num-codes", "0"]
 
 
-def test_schedule_counts_updates_as_fairseq_batches():
-    # 100 rows, batch 8 x 2 processes = 7 steps, update-freq 4 -> 2 updates per epoch
-    assert reproduce.schedule(100, 5, 8, 2, 64) == (4, 10, 0)
-    assert reproduce.schedule(1000, 3, 8, 1, 64) == (8, 48, 2)
-    with pytest.raises(SystemExit, match="not a multiple"):
-        reproduce.schedule(100, 1, 8, 3, 64)
+def test_stages_take_the_recipes_with_the_command_lines_overrides():
+    from mue import recipes
+
+    def made(*argv):
+        args, _ = reproduce.parse_args(["--data", "d", "--out", "o", *argv])
+        return reproduce.stages(args.task, args)
+
+    demo = made("--task", "caption", "--synthetic", "--scst-epochs", "1")
+    assert [s.name for s in demo] == ["stage1", "stage2"]
+    for st, name in zip(demo, ("caption_stage1", "caption_stage2")):
+        r = recipes.recipe(name, synthetic=True)
+        assert st.recipe == r and "--disable-validation" in st.options and "--freeze-embeddings" not in st.options
+    assert [s.name for s in made("--task", "caption", "--synthetic")] == ["caption"]  # no --scst-epochs: one stage
+    real = made("--task", "caption", "--ngpu", "0", "--batch-size", "4", "--lr", "2e-5", "--scst-ce-weight", "0.5")
+    assert [(s.name, s.recipe.batch_size, s.recipe.lr, s.recipe.epochs) for s in real] == [
+        ("stage1", 4, 2e-5, 5), ("stage2", 2, 1e-5, 3)]  # stage 2 keeps the paper's batch and rate
+    assert real[1].options[real[1].options.index("--scst-ce-weight") + 1] == "0.5"
+    assert "--disable-validation" not in real[0].options and "--freeze-embeddings" not in real[0].options
+    assert [s.name for s in made("--task", "caption", "--ngpu", "0", "--scst-epochs", "0")] == ["stage1"]
 
 
 @pytest.mark.parametrize("argv, message", [

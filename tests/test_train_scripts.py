@@ -12,7 +12,6 @@ import math
 import os
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -32,7 +31,8 @@ BIN = Path(sys.executable).parent
 def script_env(**extra):
     env = dict(os.environ, PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", PYTHON=sys.executable,
                OMP_NUM_THREADS="1")
-    for name in ("NGPU", "SYNTHETIC", "BATCH_SIZE", "EFFECTIVE_BATCH", "EPOCHS", "LR", "FINETUNE_FROM"):
+    for name in ("NGPU", "NNODES", "NODE_RANK", "MASTER_ADDR", "MASTER_PORT", "SYNTHETIC", "BATCH_SIZE",
+                 "EFFECTIVE_BATCH", "EPOCHS", "LR", "WARMUP_RATIO", "FINETUNE_FROM", "SCST_CE_WEIGHT"):
         env.pop(name, None)
     env.update({k: str(v) for k, v in extra.items()})
     return env
@@ -276,11 +276,8 @@ def test_full_run_arguments_and_yaml_agree(fake_run, script, lr, epochs, batch, 
 
 
 def test_freeze_embeddings_only_where_a_recipe_starts_from_pretrained_weights(fake_run):
-    """One rule for the three copies of the caption recipes (shell, yaml, scripts/reproduce.py, whose
-    ``freeze_options`` states it): --freeze-embeddings exactly when the run fine-tunes OFA's weights."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import reproduce
-
+    """The caption recipes (mue/recipes.py) freeze the embeddings exactly when the run fine-tunes OFA's
+    weights; the shell scripts and the yaml configs follow (test_recipes.py checks the configs in full)."""
     for script in ("caption_stage1.sh", "caption_stage2.sh"):
         real = fake_run(script)
         assert "--freeze-embeddings" in real and "--finetune-from-model" in real, script
@@ -294,16 +291,23 @@ def test_freeze_embeddings_only_where_a_recipe_starts_from_pretrained_weights(fa
         y = OmegaConf.load(CONFIGS / f"{name}.yaml")
         from_ofa = OmegaConf.is_missing(y.checkpoint, "finetune_from_model")  # the user must give OFA's weights
         assert y.model.freeze_embeddings == from_ofa == (not name.endswith("synthetic")), name
-        assert reproduce.freeze_options(from_ofa) == (["--freeze-embeddings"] if from_ofa else []), name
 
-    def stages(ofa_checkpoint, synthetic=False):
-        args = Namespace(ofa_checkpoint=ofa_checkpoint, epochs=None, batch_size=None, lr=None, scst_epochs=None,
-                         scst_ce_weight=0.0, image_size=64)
-        made = reproduce.synthetic_stages("caption", args) if synthetic else reproduce.real_stages("caption", args)
-        return ["--freeze-embeddings" in st.options for st in made]
 
-    assert stages("ofa.pt") == [True, True]  # stage 1 and stage 2 keep OFA's embeddings
-    assert stages(None) == [False, False] and stages(None, synthetic=True) == [False]
+def test_synthetic_runs_take_the_demo_recipe(fake_run):
+    """--synthetic is the recipe `make demo` trains (mue/recipes.py), environment overrides winning."""
+    from mue import recipes
+
+    for script, name in (("snli_ve.sh", "snli_ve"), ("caption_stage1.sh", "caption_stage1"),
+                         ("caption_stage2.sh", "caption_stage2")):
+        r = recipes.recipe(name, synthetic=True)
+        argv = fake_run.synthetic(script)
+        assert float(option(argv, "--lr")) == r.lr and int(option(argv, "--max-epoch")) == r.epochs, script
+        assert int(option(argv, "--batch-size")) == r.batch_size and option(argv, "--update-freq") == "1", script
+        assert (int(option(argv, "--warmup-updates")), int(option(argv, "--total-num-update"))) == (50, 100000)
+        assert option(argv, "--arch") == "mue_ofa_micro" and "--cpu" in argv, script
+        assert argv[argv.index("--arch"):argv.index("--arch") + len(r.options)] == list(r.options), script
+    argv = fake_run.synthetic("caption_stage2.sh", LR="3e-5", BATCH_SIZE="4", SCST_CE_WEIGHT="0.25")
+    assert (option(argv, "--lr"), option(argv, "--batch-size"), option(argv, "--scst-ce-weight")) == ("3e-5", "4", "0.25")
 
 
 def test_full_run_on_two_gpus_uses_torchrun(fake_run):

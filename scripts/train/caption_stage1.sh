@@ -7,43 +7,30 @@
 # DATA_DIR holds OFA's caption TSVs (train.tsv one caption per line; valid.tsv/test.tsv with '&&'-joined
 # references) and dict.txt (or pass --dict-file). OFA_CHECKPOINT: an official OFA-base checkpoint converted
 # with `python -m mue.checkpoints.convert_ofa`, loaded with --finetune-from-model.
-# Hyperparameters (docs/OFA.md, "MuE reference runs"): lr 1e-5, 5 epochs, label smoothing 0.1,
-# frozen token embeddings, validation CIDEr with beam 5, max_len_b 16, no-repeat 3-gram; like SNLI-VE:
-# polynomial decay with 6 % warm-up, Adam (0.9, 0.999, 1e-8), weight decay 0.01, clip 1.0, dropout 0.1,
-# drop-path 0.1, 480 px, max source 80, max target 20, effective batch 64.
+# Hyperparameters: recipe "caption_stage1" of mue/recipes.py (docs/OFA.md, "MuE reference runs"): lr 1e-5,
+# 5 epochs, label smoothing 0.1, frozen token embeddings, validation CIDEr with beam 5, max_len_b 16,
+# no-repeat 3-gram; like SNLI-VE: polynomial decay with 6 % warm-up, Adam (0.9, 0.999, 1e-8), weight decay
+# 0.01, clip 1.0, dropout 0.1, drop-path 0.1, 480 px, max source 80, max target 20, effective batch 64.
 # OFA's drop-worst: after 6000 updates each layer's loss leaves out its 20 % highest-loss tokens
 # (--drop-worst-ratio 0.2 --drop-worst-after 6000).
 # The best checkpoint (by validation CIDEr) is SAVE_DIR/checkpoint_best.pt: the input of caption_stage2.sh.
-# --synthetic: mue_ofa_micro from scratch on a synthetic benchmark (generated into DATA_DIR if missing),
-# 64 px, CPU, 2 epochs, validation beam 2: a small CPU version of the same run, except that the token
-# embeddings train: --freeze-embeddings keeps pretrained (OFA) embeddings, and the embedding is tied to the
-# output projection, so frozen from scratch it would stay a random output layer.
-# Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, SYN_NUM_* (see common.sh).
+# --synthetic: the recipe's CPU version (what `make demo` trains), mue_ofa_micro from scratch on a synthetic
+# benchmark (generated into DATA_DIR if missing), 64 px, lr 1e-3, 3 epochs, batch 32, validation beam 2, no
+# drop-worst, and the token embeddings train: --freeze-embeddings keeps pretrained (OFA) embeddings, and the
+# embedding is tied to the output projection, so frozen from scratch it would stay a random output layer.
+# Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, WARMUP_RATIO, SYN_NUM_* (see common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
-model_run 5e-4 1e-5
+load_recipe caption_stage1
+launch_options
 
 if [[ "$SYNTHETIC" == 1 ]]; then
     make_synthetic_data "$DATA_DIR"
     DATA="$DATA_DIR/caption"
-    EPOCHS="${EPOCHS:-2}"
-    EVAL_ARGS='{"beam": 2, "max_len_b": 16, "no_repeat_ngram_size": 3}'
-    FREEZE=()  # from scratch: the tied embedding / output layer must learn
-    DROP_WORST=()  # a few hundred updates: drop-worst (after 6000) would never start
 else
     DATA="$DATA_DIR"
-    EPOCHS="${EPOCHS:-5}"
-    EVAL_ARGS='{"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}'
-    FREEZE=(--freeze-embeddings)  # OFA's pretrained embeddings stay as they are
-    DROP_WORST=(--drop-worst-ratio 0.2 --drop-worst-after 6000)  # OFA's stage 1
 fi
 schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
 optimization_args
 
-launch "$DATA" --task mue_caption "${RUN[@]}" "${OPTIM[@]}" \
-    --max-src-length 80 --max-tgt-length 20 "${FREEZE[@]}" \
-    --criterion mue --label-smoothing 0.1 "${DROP_WORST[@]}" \
-    --dropout 0.1 --attention-dropout 0.0 --encoder-drop-path-rate 0.1 --decoder-drop-path-rate 0.1 \
-    --eval-cider --eval-args "$EVAL_ARGS" \
-    --best-checkpoint-metric cider --maximize-best-checkpoint-metric \
-    "${EXTRA_ARGS[@]}"
+launch "$DATA" "${RECIPE_ARGS[@]}" "${RUN[@]}" "${OPTIM[@]}" "${EXTRA_ARGS[@]}"

@@ -4,9 +4,12 @@
 #   * parse_args "$@": full mode   SCRIPT DATA_DIR CHECKPOINT SAVE_DIR [extra fairseq-train args...]
 #                      synthetic   SCRIPT --synthetic DATA_DIR SAVE_DIR [extra fairseq-train args...]
 #     (or SYNTHETIC=1 in the environment instead of --synthetic);
+#   * load_recipe NAME: the stage's hyper-parameters from mue/recipes.py, the one table of them (real, or
+#     the CPU version with --synthetic): RECIPE_ARGS and the defaults of LR, EPOCHS, BATCH_SIZE,
+#     EFFECTIVE_BATCH and WARMUP_RATIO; launch_options: RUN (device, workers, logging, start checkpoint);
 #   * make_synthetic_data DIR: writes a tiny synthetic benchmark there (mue.data.synthetic) unless present;
-#   * schedule_updates ROWS EPOCHS: BATCH_SIZE, UPDATE_FREQ (effective batch EFFECTIVE_BATCH),
-#     TOTAL_UPDATES and WARMUP_UPDATES (polynomial decay, WARMUP_RATIO of the total, default 0.06);
+#   * schedule_updates ROWS EPOCHS: UPDATE_FREQ (effective batch EFFECTIVE_BATCH), TOTAL_UPDATES and
+#     WARMUP_UPDATES (polynomial decay, WARMUP_RATIO of the total, or the recipe's fixed warm-up);
 #   * launch ARGS...: fairseq-train with ARGS, in one process, or under torchrun with NGPU processes
 #     (on each of NNODES machines).
 #
@@ -20,10 +23,12 @@
 #                    ranks 0 .. NGPU-1, so rank 0, which writes the checkpoints, is always on it
 #   MASTER_ADDR      address of machine 0 that the others can reach (required when NNODES > 1)
 #   MASTER_PORT      a free TCP port on machine 0 (default 29500, torchrun's)
-#   BATCH_SIZE       sentences per process and step (default: 8; synthetic 8)
+#   BATCH_SIZE       sentences per process and step (default: the recipe's, 8 or 2; synthetic 32)
 #   EFFECTIVE_BATCH  sentences per update over all processes (default 64; synthetic BATCH_SIZE*NNODES*NGPU):
 #                    --update-freq = EFFECTIVE_BATCH / (BATCH_SIZE * NNODES * NGPU)
-#   EPOCHS           training epochs (default: the paper's; synthetic 2)
+#   EPOCHS           training epochs (default: the recipe's)
+#   LR               learning rate (default: the recipe's)
+#   WARMUP_RATIO     warm-up share of the updates (default: the recipe's, 0.06)
 #   SYN_NUM_TRAIN, SYN_NUM_VALID, SYN_NUM_TEST   synthetic images per split (default 64, 8, 8)
 #   PYTHON           python with mue and fairseq installed (default: python on PATH)
 #   FAIRSEQ_TRAIN    fairseq-train executable (default: fairseq-train on PATH)
@@ -43,7 +48,6 @@ USER_DIR="${USER_DIR:-$REPO_ROOT/mue}"
 NGPU="${NGPU:-1}"
 NNODES="${NNODES:-1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
-WARMUP_RATIO="${WARMUP_RATIO:-0.06}"
 
 die() {
     echo "$(basename "$0"): $*" >&2
@@ -112,19 +116,35 @@ count_rows() {
     grep -c . "$1" || true
 }
 
-# schedule_updates ROWS EPOCHS -> BATCH_SIZE, UPDATE_FREQ, TOTAL_UPDATES, WARMUP_UPDATES.
+# load_recipe NAME [--set OPTION=VALUE ...]: RECIPE_ARGS, the fairseq-train options of recipe NAME in
+# mue/recipes.py (model, loss, regularisation, validation, optimiser) for this mode (--synthetic: the CPU
+# version, from scratch; otherwise from pretrained weights), and LR, EPOCHS, BATCH_SIZE, EFFECTIVE_BATCH,
+# WARMUP_RATIO from it where the environment leaves them unset.
+load_recipe() {
+    local name="$1" code
+    shift
+    local mode=(--pretrained)
+    if [[ "$SYNTHETIC" == 1 ]]; then
+        mode=(--synthetic)
+    fi
+    code="$(PYTHONPATH="$(dirname "$USER_DIR")${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m mue.recipes "$name" \
+        "${mode[@]}" "$@" 2>/dev/null)" || die "could not read recipe '$name' from $USER_DIR/recipes.py with $PYTHON"
+    eval "$code"
+    LR="${LR:-$RECIPE_LR}"
+    EPOCHS="${EPOCHS:-$RECIPE_EPOCHS}"
+    BATCH_SIZE="${BATCH_SIZE:-$RECIPE_BATCH_SIZE}"
+    EFFECTIVE_BATCH="${EFFECTIVE_BATCH:-$RECIPE_EFFECTIVE_BATCH}"
+    WARMUP_RATIO="${WARMUP_RATIO:-$RECIPE_WARMUP_RATIO}"
+}
+
+# schedule_updates ROWS EPOCHS -> UPDATE_FREQ, TOTAL_UPDATES, WARMUP_UPDATES (after load_recipe).
 # fairseq's polynomial_decay needs the update count (OFA gives a warm-up ratio), so it is computed here
-# the way fairseq batches: ceil(ceil(rows / (batch * world size)) / update_freq) updates per epoch.
+# the way fairseq batches: ceil(ceil(rows / (batch * world size)) / update_freq) updates per epoch. A recipe
+# with a fixed warm-up and decay length (the synthetic ones) uses those instead.
 schedule_updates() {
     local rows="$1" epochs="$2" per_step
-    BATCH_SIZE="${BATCH_SIZE:-8}"
     per_step=$((BATCH_SIZE * NPROCS))
-    if [[ -z "${EFFECTIVE_BATCH:-}" ]]; then
-        EFFECTIVE_BATCH=64
-        if [[ "$SYNTHETIC" == 1 ]]; then
-            EFFECTIVE_BATCH=$per_step
-        fi
-    fi
+    EFFECTIVE_BATCH="${EFFECTIVE_BATCH:-$per_step}"
     if ((EFFECTIVE_BATCH % per_step != 0)); then
         if ((NNODES > 1)); then
             die "EFFECTIVE_BATCH=$EFFECTIVE_BATCH is not a multiple of BATCH_SIZE*NNODES*NGPU=$BATCH_SIZE*$NNODES*$NGPU"
@@ -134,30 +154,26 @@ schedule_updates() {
     UPDATE_FREQ=$((EFFECTIVE_BATCH / per_step))
     local steps=$(((rows + per_step - 1) / per_step))
     local per_epoch=$(((steps + UPDATE_FREQ - 1) / UPDATE_FREQ))
-    TOTAL_UPDATES=$((per_epoch * epochs))
-    WARMUP_UPDATES=$("$PYTHON" -c "print(int($WARMUP_RATIO * $TOTAL_UPDATES))")
+    TOTAL_UPDATES="${RECIPE_DECAY_UPDATES:-$((per_epoch * epochs))}"
+    WARMUP_UPDATES="${RECIPE_WARMUP_UPDATES:-$("$PYTHON" -c "print(int($WARMUP_RATIO * $TOTAL_UPDATES))")}"
     echo "$rows training rows, batch $BATCH_SIZE x $NPROCS process(es) x update-freq $UPDATE_FREQ:" \
-        "$TOTAL_UPDATES updates over $epochs epoch(s), $WARMUP_UPDATES warm-up"
+        "$((per_epoch * epochs)) updates over $epochs epoch(s), $WARMUP_UPDATES warm-up, decay over $TOTAL_UPDATES"
 }
 
-# model_run SYNTHETIC_LR REAL_LR: RUN=(model, image size, device, learning rate, log interval) of the
-# synthetic CPU version (mue_ofa_micro from scratch, 64 px) or the real run (mue_ofa_base from
-# $CHECKPOINT, 480 px); LR overrides the recipe's default rate.
-model_run() {
+# launch_options: RUN=(device, data workers, log interval, and the start checkpoint) of the synthetic CPU
+# version or of the real run from $CHECKPOINT.
+launch_options() {
     if [[ "$SYNTHETIC" == 1 ]]; then
-        RUN=(--arch mue_ofa_micro --patch-image-size 64 --num-codes 0 --num-bins 0
-             --cpu --distributed-backend gloo --num-workers 0 --lr "${LR:-$1}" --log-interval 1)
+        RUN=(--cpu --distributed-backend gloo --num-workers 0 --log-interval 1)
     else
-        RUN=(--arch mue_ofa_base --patch-image-size 480 --finetune-from-model "$CHECKPOINT"
-             --num-workers 4 --lr "${LR:-$2}" --log-interval 10)
+        RUN=(--finetune-from-model "$CHECKPOINT" --num-workers 4 --log-interval 10)
     fi
 }
 
-# optimization_args: OPTIM=(OFA's optimiser and schedule, batching and checkpoint options, the same in
-# every recipe); call after schedule_updates.
+# optimization_args: OPTIM=(learning rate and schedule, batching and checkpoint options, the same in every
+# recipe); call after schedule_updates.
 optimization_args() {
-    OPTIM=(--optimizer adam --adam-betas "(0.9,0.999)" --adam-eps 1e-08 --weight-decay 0.01 --clip-norm 1.0
-           --lr-scheduler polynomial_decay --warmup-updates "$WARMUP_UPDATES" --total-num-update "$TOTAL_UPDATES"
+    OPTIM=(--lr "$LR" --warmup-updates "$WARMUP_UPDATES" --total-num-update "$TOTAL_UPDATES"
            --max-epoch "$EPOCHS" --batch-size "$BATCH_SIZE" --update-freq "$UPDATE_FREQ"
            --required-batch-size-multiple 1 --no-epoch-checkpoints --log-format simple)
 }

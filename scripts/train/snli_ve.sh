@@ -8,30 +8,24 @@
 # OFA_CHECKPOINT: an official OFA-base checkpoint converted with
 #   python -m mue.checkpoints.convert_ofa ofa_base.pt ofa_base_mue.pt
 # loaded with --finetune-from-model (weights only; optimizer, schedule and data position start fresh).
-# Hyperparameters (docs/OFA.md, "MuE reference runs"): lr 5e-5, 5 epochs, polynomial decay with 6 %
-# warm-up, Adam (0.9, 0.999, 1e-8), weight decay 0.01, clip 1.0, effective batch 64, dropout 0.1,
-# drop-path 0.1, label smoothing 0, 480 px, max source 80, max target 20.
-# --synthetic: mue_ofa_micro from scratch on a synthetic benchmark (generated into DATA_DIR if missing),
-# 64 px, CPU, 2 epochs, effective batch = BATCH_SIZE*NGPU: a small CPU version of the same run.
-# Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, SYN_NUM_* (see common.sh).
+# Hyperparameters: recipe "snli_ve" of mue/recipes.py (docs/OFA.md, "MuE reference runs"): lr 5e-5,
+# 5 epochs, polynomial decay with 6 % warm-up, Adam (0.9, 0.999, 1e-8), weight decay 0.01, clip 1.0,
+# effective batch 64, dropout 0.1, drop-path 0.1, label smoothing 0, 480 px, max source 80, max target 20.
+# --synthetic: the recipe's CPU version (what `make demo` trains), mue_ofa_micro from scratch on a
+# synthetic benchmark (generated into DATA_DIR if missing), 64 px, lr 1e-3, 4 epochs, batch 32.
+# Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, WARMUP_RATIO, SYN_NUM_* (see common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
-model_run 5e-4 5e-5
+load_recipe snli_ve
+launch_options
 
 if [[ "$SYNTHETIC" == 1 ]]; then
     make_synthetic_data "$DATA_DIR"
     DATA="$DATA_DIR/snli_ve"
-    EPOCHS="${EPOCHS:-2}"
 else
     DATA="$DATA_DIR"
-    EPOCHS="${EPOCHS:-5}"
 fi
 schedule_updates "$(count_rows "$DATA/train.tsv")" "$EPOCHS"
 optimization_args
 
-launch "$DATA" --task mue_snli_ve "${RUN[@]}" "${OPTIM[@]}" \
-    --max-src-length 80 --max-tgt-length 20 \
-    --criterion mue --label-smoothing 0.0 \
-    --dropout 0.1 --attention-dropout 0.0 --encoder-drop-path-rate 0.1 --decoder-drop-path-rate 0.1 \
-    --best-checkpoint-metric snli_score --maximize-best-checkpoint-metric \
-    "${EXTRA_ARGS[@]}"
+launch "$DATA" "${RECIPE_ARGS[@]}" "${RUN[@]}" "${OPTIM[@]}" "${EXTRA_ARGS[@]}"

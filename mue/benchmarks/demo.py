@@ -1,0 +1,112 @@
+"""The main job (`make demo`, scripts/demo.py): MuE on the built-in synthetic scenes, end to end, on a CPU.
+
+mue.benchmarks.reproduce's synthetic path for both tasks (captioning, then SNLI-VE), with a progress line
+per stage (stage i of 7, elapsed, estimate left):
+  1. data      python -m mue.data.synthetic (seeded scenes; captions and SNLI-VE in OFA's TSV formats)
+  2. train     fairseq-train --arch mue_ofa_micro: MuE (criterion `mue`, layer-wise loss) and the ablation
+               w/o layer-wise loss (--last-layer-only); scripts/reproduce.py --synthetic adds w/o decomposition;
+               the synthetic recipes of mue/recipes.py.
+               Captioning has OFA's two stages: cross-entropy, then one epoch of self-critical training with a
+               CIDEr-D reward (criterion mue_scst, beam search's 5 best captions, as OFA's stage 2).
+               SNLI-VE runs fine-tune the caption model trained w/o layer-wise loss, as the paper fine-tunes
+               pretrained OFA. (In this budget they still learn only what the hypotheses' wording tells,
+               66.7 %: neutral statements have their own templates; telling true from false statements
+               needs the image, and the micro model does not learn that here, from scratch or not.)
+  3. evaluate  fairseq-generate over threshold sweeps, on the dev split (to choose thresholds) and the
+               test split; every setting writes one JSON record with quality, exit statistics and timing.
+               Caption stage 1 is evaluated on test too: report.md gives stage 2 - stage 1 with a paired
+               bootstrap 95 % interval (1,000 test images: narrower than +-3 CIDEr needs more)
+  4. report    results/demo/report.md, results/demo/paper_tables.md (Tables 1-4) and PNG figures;
+               Table 1 (full model vs MuE) is printed at the end
+
+Each stage is skipped when its output already exists (a second run reuses them); `--fresh` redoes all.
+Deterministic given --seed. The sizes are in DEMO below (one place).
+"""
+import argparse
+import os
+import shutil
+import time
+
+from mue.benchmarks import reproduce
+from mue.benchmarks.progress import Progress
+
+# The demo's sizes (tuned for the 20-minute budget on a 2-core CPU); its hyper-parameters are the synthetic
+# recipes of mue/recipes.py (caption 3 epochs then 1 of stage 2, SNLI-VE 4; batch 32; lr 1e-3, stage 2 1e-4).
+# --tiny replaces them with a smoke run (8 training images, 4 per evaluation split, 1 epoch, 2 sweep points).
+DEMO = {
+    "num_train": 1000,  # training images (caption: 5 lines each; SNLI-VE: 3 hypotheses each)
+    "num_eval": 100,  # images in the valid split (threshold choice)
+    "num_test": 1000,  # images in the test split (enough for the stage comparison's interval)
+    "image_size": 64,
+    "scst_epochs": 1,  # caption stage 2
+    "eval_batch_size": 50,
+    # w/o decomposition is left to scripts/reproduce.py --synthetic: a third run per task breaks the 20-minute budget
+    "runs": ["mue", "w/o layer-wise loss"],
+}
+TASK_ORDER = ("caption", "snli_ve")
+# seconds of each stage (data, training, evaluation per task, then the report) in a measured run on 2 cores,
+# for the progress lines' estimate of the time left
+EXPECTED_SECONDS = (12, 606, 124, 2, 282, 110, 2)  # 18 min 58 s in all, 6 December 2026
+PRETRAINED_RUN = "w/o layer-wise loss"  # the caption run whose model SNLI-VE fine-tunes (plain CE, like OFA)
+
+
+def reproduce_argv(args, task):
+    """mue.benchmarks.reproduce's command line for one task of the demo."""
+    argv = ["--task", task, "--synthetic", "--data", args.data, "--out", args.out, "--seed", str(args.seed),
+            "--num-train", str(args.num_train), "--num-eval", str(args.num_eval), "--num-test", str(args.num_test),
+            "--image-size", str(args.image_size), "--eval-batch-size", str(args.eval_batch_size), "--runs", *args.runs]
+    for flag, value in (("--batch-size", args.batch_size), ("--lr", args.lr)):
+        if value is not None:  # else the recipe's
+            argv += [flag, str(value)]
+    if task == "snli_ve":
+        argv += ["--ofa-checkpoint", caption_checkpoint(args)]
+    if task == "caption":
+        argv += ["--scst-epochs", str(args.scst_epochs)]
+    if args.tiny:
+        return argv + ["--tiny"]
+    epochs = args.caption_epochs if task == "caption" else args.snli_epochs
+    return argv + (["--epochs", str(epochs)] if epochs else [])
+
+
+def caption_checkpoint(args) -> str:
+    """The caption model SNLI-VE starts from: the final model (after both caption stages) of the run
+    trained without the layer-wise loss if the demo trains it, else MuE's."""
+    run = PRETRAINED_RUN if PRETRAINED_RUN in args.runs else "mue"
+    return os.path.join(args.out, "checkpoints", f"{reproduce.TASKS['caption']}_{reproduce.RUNS[run][0]}",
+                        "checkpoint_last.pt")
+
+
+def main(argv=None, root: str = "."):
+    """``root``: the folder whose results/demo and data/synthetic are the default outputs (the clone's)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(root, "results", "demo"))
+    parser.add_argument("--data", default=os.path.join(root, "data", "synthetic"))
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--num-train", type=int, default=DEMO["num_train"], help="training images")
+    parser.add_argument("--num-eval", type=int, default=DEMO["num_eval"], help="images in the valid split")
+    parser.add_argument("--num-test", type=int, default=DEMO["num_test"], help="images in the test split")
+    parser.add_argument("--image-size", type=int, default=DEMO["image_size"])
+    parser.add_argument("--caption-epochs", type=int, help="caption stage 1 epochs (default: the recipe's)")
+    parser.add_argument("--snli-epochs", type=int, help="SNLI-VE epochs (default: the recipe's)")
+    parser.add_argument("--scst-epochs", type=int, default=DEMO["scst_epochs"], help="caption stage 2 epochs (0: none)")
+    parser.add_argument("--batch-size", type=int, help="training batch size (default: the recipe's)")
+    parser.add_argument("--eval-batch-size", type=int, default=DEMO["eval_batch_size"])
+    parser.add_argument("--lr", type=float, help="learning rate of stage 1 and SNLI-VE (default: the recipe's)")
+    parser.add_argument("--runs", nargs="+", default=DEMO["runs"],
+                        help="runs to train and sweep (mue, 'w/o decomposition', 'w/o layer-wise loss')")
+    parser.add_argument("--fresh", action="store_true", help="delete earlier outputs and redo every stage")
+    parser.add_argument("--tiny", action="store_true", help="a minutes-long smoke run (tests use it)")
+    args = parser.parse_args(argv)
+    if args.fresh:
+        shutil.rmtree(args.out, ignore_errors=True)
+        shutil.rmtree(args.data, ignore_errors=True)
+    start = time.time()
+    progress = Progress(len(EXPECTED_SECONDS), None if args.tiny else EXPECTED_SECONDS)
+    for task in TASK_ORDER:
+        task_args, extra = reproduce.parse_args(reproduce_argv(args, task))
+        reproduce.run_task(task_args, extra, progress)
+    progress.begin("report")
+    print(reproduce.render(args.out, "MuE on synthetic scenes (mue_ofa_micro, CPU)"))
+    print(f"\ntables: {os.path.join(args.out, 'paper_tables.md')}, full report: {os.path.join(args.out, 'report.md')}"
+          f"  ({time.time() - start:.0f} s)")
+

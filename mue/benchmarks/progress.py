@@ -1,0 +1,38 @@
+"""A progress line per stage of a long job: stage i of n, time elapsed, and an estimate of the time left
+from each stage's expected share of the whole (measured once), scaled by how fast this machine has been."""
+import time
+from typing import Optional, Sequence
+
+
+def _minutes(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s"
+
+
+class Progress:
+    """``begin(title)`` for each of the ``total`` stages, in order. ``expected``: each stage's expected seconds
+    (one per stage), for the estimate of the time left; without it only the elapsed time is shown."""
+
+    def __init__(self, total: int, expected: Optional[Sequence[float]] = None, clock=time.monotonic):
+        if expected is not None and len(expected) != total:
+            raise ValueError(f"{len(expected)} expected durations for {total} stages")
+        self.total, self.expected, self.clock = total, expected, clock
+        self.start = clock()
+        self.done = 0
+
+    def line(self, title: str) -> str:
+        """The line for starting the next stage (advances the count)."""
+        if self.done >= self.total:
+            raise ValueError(f"stage {self.done + 1} of {self.total}: more stages than announced")
+        elapsed = self.clock() - self.start
+        text = f"==> stage {self.done + 1} of {self.total}: {title}  (elapsed {_minutes(elapsed)}"
+        if self.expected:
+            behind, ahead = sum(self.expected[:self.done]), sum(self.expected[self.done:])
+            # how this machine compares with the measured run, once a stage has been timed
+            pace = elapsed / behind if behind > 0 and elapsed > 0 else 1.0
+            text += f", about {_minutes(ahead * pace)} left"
+        self.done += 1
+        return text + ")"
+
+    def begin(self, title: str) -> None:
+        print("\n" + self.line(title), flush=True)
