@@ -464,13 +464,9 @@ def test_compare_baselines_tiny_end_to_end(tmp_path, task):
 
 
 def _compare_main():
-    import importlib.util
+    from mue.benchmarks import compare_baselines
 
-    spec = importlib.util.spec_from_file_location("compare_baselines", os.path.join(REPO, "scripts",
-                                                                                     "compare_baselines.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return compare_baselines
 
 
 def test_compare_baselines_on_real_data_uses_the_given_arguments(tmp_path, monkeypatch):

@@ -102,11 +102,7 @@ def test_bench_train_quick(tmp_path):
 
 
 def test_bench_train_goals():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import bench_train
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    from mue.benchmarks import bench_train
 
     def rows(image, mue_s, mem):
         return [{"size": "base", "criterion": "mue", "image": image, "step_s": mue_s, "step_times_s": [mue_s],
@@ -128,11 +124,7 @@ def test_bench_train_goals():
 
 
 def test_per_size_options():
-    sys.path.insert(0, str(SCRIPTS))
-    try:
-        import bench_inference
-    finally:
-        sys.path.remove(str(SCRIPTS))
+    from mue.benchmarks import bench_inference
     args = bench_inference.parse_args(["--sizes", "micro,base", "--img-thres", "micro=0.7,base=0.9",
                                        "--image-size", "48"])
     assert args.img_thres == {"micro": 0.7, "base": 0.9}

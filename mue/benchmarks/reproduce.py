@@ -39,6 +39,7 @@ import time
 from typing import List, Sequence, Tuple
 
 from mue import recipes
+from mue.benchmarks import child_env
 from mue.benchmarks.progress import Progress
 from mue.recipes import Recipe
 
@@ -134,9 +135,7 @@ def run_logged(cmd: Sequence[str], log_path: str) -> None:
     print("$ " + " ".join(cmd), flush=True)
     with open(log_path, "w") as log:
         # subprocesses import this same mue (python -m mue.data.synthetic), installed or not
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.path.dirname(PLUGIN),
-                                                                        os.environ.get("PYTHONPATH")])))
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=child_env())
         for line in proc.stdout:
             log.write(line)
             if any(key in line for key in ("| INFO | train |", "| INFO | valid |", "done training", "Error")):

@@ -1,0 +1,336 @@
+"""MuE against other exit methods and a smaller model, in one harness (captioning or SNLI-VE).
+
+    python scripts/compare_baselines.py OUT --train [--tiny] [--task snli_ve]   # synthetic: train, compare
+    python scripts/compare_baselines.py OUT --checkpoints CKPT_DIR              # compare trained ones
+    python scripts/compare_baselines.py OUT --task caption --task-data COCO_DIR --checkpoints CKPT_DIR \
+        --reference-arch mue_ofa_base --split test --task-args "" --gen-args "--batch-size 64 --beam 5 --fp16"
+
+Runs (one result-record run name each, as the report groups them):
+  * "full": the MuE-trained micro model without exits; "mue": MuE (cosine exits in encoder streams and
+    decoder, --img/--txt/--dec-thres); "mue (decoder only)": MuE's decoder exit alone (not with --tiny);
+  * "entropy (DeeBERT)": --exit-policy entropy swept over --exit-entropy;
+  * "patience (PABEE)": --exit-policy patience swept over --exit-patience;
+  * "imitation (DeeCap)": --exit-policy imitation over --exit-entropy, with imitation heads trained
+    on the frozen MuE backbone (criterion mue_imitation);
+  * "OFA-Tiny": a smaller model (mue_ofa_nano, joint encoder, plain last-layer loss) run in full, its
+    Eq. 14 and FLOPs counted against the micro model (--reference-arch mue_ofa_micro).
+The exit baselines act on the decoder only (the encoder runs in full), as in the MuE paper; all exit
+methods share one backbone (trained with MuE's layer-wise loss, so every layer can predict), so they
+differ only in the exit rule. Nothing is tuned per method beyond sweeping its own knob.
+
+CKPT_DIR holds mue/checkpoint_last.pt (backbone), imitation/checkpoint_last.pt and
+ofa_tiny/checkpoint_last.pt; --train writes them to OUT/checkpoints with fairseq-train's entry point
+(in this process), on the synthetic benchmark. On real data (--task-data: the task's fairseq data
+directory, e.g. OFA's COCO or SNLI-VE files) train them with scripts/train/*.sh: the MuE model, the
+imitation heads on it (--criterion mue_imitation --exit-policy imitation --restore-file MUE_CKPT
+--reset-optimizer, backbone frozen), and mue_ofa_tiny fine-tuned with --last-layer-only; then compare
+with --reference-arch set to the MuE model's arch. Records go to OUT/records (an existing record is reused), the report (tables, plots)
+to OUT/report, and the comparison table below is printed and written to OUT/report/comparison.md: per
+method and quality level, the largest expected time reduction (Eq. 14) and FLOPs reduction among its
+settings that keep that share of the full model's quality (CIDEr, or SNLI-VE accuracy), and whether
+MuE is ahead of it there.
+"""
+import argparse
+import json
+import logging
+import os
+import shlex
+import shutil
+import sys
+from typing import Dict, List, Optional, Sequence
+
+PLUGIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this mue package: fairseq's --user-dir
+
+TASKS = {"caption": "mue_caption", "snli_ve": "mue_snli_ve"}
+MUE, FULL = "mue", "full"
+LEVELS = (0.99, 0.96, 0.9)
+
+
+def plan(tiny: bool, reference_arch: str = "mue_ofa_micro") -> Dict[str, dict]:
+    """Run name -> checkpoint, threshold settings and per-point args (each method's own knob)."""
+    if tiny:
+        mue_settings, dec_only = [(1.0, 1.0, 1.0), (0.9, 0.9, 0.9)], []
+        entropies, patiences = [1.0, 4.0], [1, 2]
+    else:
+        mue_settings = [(1.0, 1.0, 1.0), (0.995, 0.995, 0.99), (0.99, 0.99, 0.98), (0.98, 0.98, 0.95),
+                        (0.97, 0.97, 0.93), (0.96, 0.96, 0.92), (0.95, 0.95, 0.9), (0.9, 0.9, 0.85),
+                        (0.8, 0.8, 0.75)]
+        dec_only = [(1.0, 1.0, t) for t in (0.99, 0.98, 0.95, 0.9, 0.85, 0.75)]
+        entropies, patiences = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], [4, 3, 2, 1]
+    runs = {
+        MUE: {"checkpoint": "mue", "settings": mue_settings, "points": [[]]},
+        "entropy (DeeBERT)": {"checkpoint": "mue", "settings": [(1.0, 1.0, 1.0)],
+                              "points": [["--exit-policy", "entropy", "--exit-entropy", f"{s:g}"] for s in entropies]},
+        "patience (PABEE)": {"checkpoint": "mue", "settings": [(1.0, 1.0, 1.0)],
+                             "points": [["--exit-policy", "patience", "--exit-patience", str(p)] for p in patiences]},
+        "imitation (DeeCap)": {"checkpoint": "imitation", "settings": [(1.0, 1.0, 1.0)],
+                               "points": [["--exit-policy", "imitation", "--exit-entropy", f"{s:g}"]
+                                          for s in entropies]},
+        "OFA-Tiny": {"checkpoint": "ofa_tiny", "settings": [(1.0, 1.0, 1.0)],
+                     "points": [["--reference-arch", reference_arch]]},
+    }
+    if dec_only:
+        runs["mue (decoder only)"] = {"checkpoint": "mue", "settings": dec_only, "points": [[]]}
+    return runs
+
+
+def sizes(tiny: bool, task: str = "caption") -> dict:
+    if tiny:
+        return {"train": 8, "valid": 4, "test": 4, "image": 32, "updates": 2, "imitation_updates": 3, "batch": 4}
+    # The demo's recipe (scripts/demo.py): 1000 training images, batch 32, 4 epochs of captions (5 per
+    # image) or 6 of SNLI-VE (3 hypotheses per image). Longer training on fewer images over-fitted the
+    # deep layers: their CIDEr fell below that of the model's own first layers. 256 validation images:
+    # with 64, CIDEr moved by several % between neighbouring settings.
+    updates = {"caption": 4 * 5000 // 32, "snli_ve": 6 * 3000 // 32}[task]
+    return {"train": 1000, "valid": 256, "test": 64, "image": 64, "updates": updates, "imitation_updates": 300,
+            "batch": 32}
+
+
+def model_args(size: dict) -> List[str]:
+    """Task arguments training and generation must share on the synthetic benchmark (they fix the
+    vocabulary and image size)."""
+    return ["--num-codes", "0", "--num-bins", "0", "--patch-image-size", str(size["image"]), "--cpu",
+            "--num-workers", "0"]
+
+
+def default_gen_args(task: str) -> List[str]:
+    if task == "caption":
+        return ["--batch-size", "16", "--beam", "3", "--max-len-b", "16", "--eval-metrics", "bleu,cider"]
+    return ["--batch-size", "16"]
+
+
+def fairseq_train(argv: Sequence[str]) -> None:
+    from fairseq import options
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq_cli import train
+
+    train.main(convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), list(argv))))
+
+
+def train_models(data_root: str, ckpt_dir: str, size: dict, task: str = "caption", tiny: bool = False,
+                 log=print) -> None:
+    """The MuE backbone, its imitation heads (backbone frozen) and the OFA-Tiny baseline, via fairseq-train.
+
+    SNLI-VE models fine-tune a caption model of their arch trained with plain cross-entropy (as MuE
+    fine-tunes pretrained OFA): from scratch, in this budget, they learn only what the hypotheses'
+    wording tells and ignore the images (see scripts/demo.py)."""
+    def common(on_task, updates):
+        return [os.path.join(data_root, on_task), "--user-dir", PLUGIN, "--task", TASKS[on_task],
+                *model_args(size), "--batch-size", str(size["batch"]), "--optimizer", "adam", "--lr", "1e-3",
+                "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(max(1, updates // 10)), "--dropout", "0.1",
+                "--no-epoch-checkpoints", "--disable-validation", "--log-format", "simple", "--log-interval", "50",
+                "--seed", "1", "--max-epoch", "1000", "--max-update", str(updates)]
+
+    smoothing = "0.1" if task == "caption" else "0.0"  # as the demo's recipes (scripts/reproduce.py)
+    micro, nano = ["--arch", "mue_ofa_micro"], ["--arch", "mue_ofa_nano", "--encoder-mode", "joint"]
+    jobs, init = [], {"mue": [], "ofa_tiny": []}
+    if task == "snli_ve":
+        caption_updates = sizes(tiny, "caption")["updates"]
+        for name, arch in (("pretrain_micro", micro), ("pretrain_nano", nano)):
+            jobs.append((name, common("caption", caption_updates) + arch + [
+                "--criterion", "mue", "--last-layer-only", "--label-smoothing", "0.1"]))
+        init = {run: ["--finetune-from-model", os.path.join(ckpt_dir, pre, "checkpoint_last.pt")]
+                for run, pre in (("mue", "pretrain_micro"), ("ofa_tiny", "pretrain_nano"))}
+    jobs += [
+        ("mue", common(task, size["updates"]) + micro + ["--criterion", "mue", "--label-smoothing", smoothing]
+         + init["mue"]),
+        ("imitation", common(task, size["imitation_updates"]) + micro + [
+            "--criterion", "mue_imitation", "--exit-policy", "imitation",
+            "--restore-file", os.path.join(ckpt_dir, "mue", "checkpoint_last.pt"), "--reset-optimizer",
+            "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler"]),
+        ("ofa_tiny", common(task, size["updates"]) + nano + ["--criterion", "mue", "--last-layer-only",
+                                                             "--label-smoothing", smoothing] + init["ofa_tiny"]),
+    ]
+    for name, argv in jobs:
+        save = os.path.join(ckpt_dir, name)
+        if os.path.exists(os.path.join(save, "checkpoint_last.pt")):
+            log(f"-- {name}: reusing {save}/checkpoint_last.pt")
+            continue
+        log(f"-- training {name} ({' '.join(argv[1:])})")
+        fairseq_train([*argv, "--save-dir", save])
+
+
+def run_sweeps(data: str, ckpt_dir: str, out: str, tiny: bool, split: str, task: str, gen: Sequence[str],
+               reference_arch: str, log=print) -> List[str]:
+    """Every method's sweep through fairseq-generate; `gen`: the generation arguments (task ones included)."""
+    from mue.evaluation.sweep import FULL as NO_EXITS, generate_record, sweep
+
+    runs = plan(tiny, reference_arch)
+    for run, spec in runs.items():
+        ckpt = os.path.join(ckpt_dir, spec["checkpoint"], "checkpoint_last.pt")
+        if not os.path.isfile(ckpt):
+            raise FileNotFoundError(f"{ckpt}: checkpoint of run {run!r} not found (train with --train)")
+    # The process's first generation pays one-off costs (lazy imports, allocator and thread-pool warm-up)
+    # that would slow only the full model's timing, the reference of every speedup (or retime_full's):
+    # run it once untimed first.
+    log("-- warm-up (untimed)")
+    os.makedirs(out, exist_ok=True)
+    scratch = os.path.join(out, "warmup.json")
+    generate_record(data, TASKS[task], os.path.join(ckpt_dir, "mue", "checkpoint_last.pt"), split,
+                    NO_EXITS, scratch, "warmup", gen)
+    os.remove(scratch)
+    shutil.rmtree(os.path.join(out, "generate", "warmup"), ignore_errors=True)
+    paths = []
+    for run, spec in runs.items():
+        ckpt = os.path.join(ckpt_dir, spec["checkpoint"], "checkpoint_last.pt")
+        log(f"-- {run}")
+        paths += sweep(data, TASKS[task], ckpt, out, spec["settings"], [split], run=run,
+                       full_run=FULL if run == MUE else "", extra_args=gen, point_args=spec["points"], log=log)
+    return paths
+
+
+def retime_full(data: str, ckpt_dir: str, out: str, split: str, task: str, gen: Sequence[str]) -> float:
+    """Time the full model once more, after the sweeps; returns first timing / this one. Its distance
+    from 1 is what timing noise alone does to a speedup on this machine."""
+    from mue.evaluation.sweep import FULL as NO_EXITS, generate_record, record_path
+
+    with open(record_path(out, TASKS[task], FULL, split, NO_EXITS, []), encoding="utf-8") as f:
+        full = json.load(f)
+    scratch = os.path.join(out, "retime.json")
+    again = generate_record(data, TASKS[task], os.path.join(ckpt_dir, "mue", "checkpoint_last.pt"), split,
+                            NO_EXITS, scratch, "retime", gen)
+    os.remove(scratch)
+    shutil.rmtree(os.path.join(out, "generate", "retime"), ignore_errors=True)
+    return full["exit"]["wall_clock_s"] / again["exit"]["wall_clock_s"]
+
+
+# The three ways a saving is counted: Eq. 14's layers, FLOPs, and measured wall clock. Each setting is
+# timed once, so speedups within SPEEDUP_TIE of each other (or within the re-timed full model's distance
+# from 1x, if larger) are called a tie.
+CRITERIA = (("etr", "time red."), ("flops_reduction", "FLOPs"), ("speedup", "speedup"))
+SPEEDUP_TIE = 0.05
+
+
+def _best_at(rows: Sequence[dict], run: str, level: float, q_full: float) -> Optional[dict]:
+    """`run`'s best value of each criterion among its settings whose quality is >= level x the full
+    model's `q_full` (each criterion may pick another setting), and the setting of the largest Eq. 14
+    saving; None if no setting keeps the level."""
+    from mue.evaluation.records import format_thresholds
+
+    ok = [r for r in rows if r["record"]["run"] == run and r["quality"] >= level * q_full - 1e-12]
+    if not ok:
+        return None
+    best = {key: max((r[key] for r in ok if r[key] is not None), default=None) for key, _ in CRITERIA}
+    best["setting"] = format_thresholds(max(ok, key=lambda r: (r["etr"], r["quality"]))["record"]["thresholds"])
+    return best
+
+
+def _verdict(key: str, mue: Optional[float], other: Optional[float], speedup_tie: float = SPEEDUP_TIE) -> str:
+    """Who saves more by one criterion: "MuE", "baseline", "tie" or "n/a" (a value is missing)."""
+    if mue is None or other is None:
+        return "n/a"
+    tie = speedup_tie * max(abs(mue), abs(other)) if key == "speedup" else 1e-9
+    if abs(mue - other) <= tie:
+        return "tie"
+    return "MuE" if mue > other else "baseline"
+
+
+def comparison_table(records: Sequence[dict], task: str = "caption", levels: Sequence[float] = LEVELS,
+                     retimed: Optional[float] = None) -> str:
+    """Markdown: per method and quality level, its best saving by each criterion (Eq. 14 time reduction,
+    FLOPs reduction, measured speedup) among the settings that keep the level, and who is ahead of whom
+    by each criterion, MuE or the baseline. `retimed`: retime_full's ratio (widens the speedup tie)."""
+    tie = max(SPEEDUP_TIE, abs(1.0 - retimed)) if retimed is not None else SPEEDUP_TIE
+    from mue.evaluation.records import find_baseline, quality_key, tradeoff_rows
+
+    rows = tradeoff_rows(records, task)
+    q_full = float(find_baseline(records, task)["metrics"][quality_key(task)])
+    runs = [r for r in dict.fromkeys(row["record"]["run"] for row in rows) if r != FULL]
+    runs.sort(key=lambda name: name != MUE)
+    head = ["method", f"kept {quality_key(task)}", "time red. (%)", "FLOPs red. (%)", "speedup (x)",
+            "setting (largest time red.)", "ahead: time red. / FLOPs / speedup"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for run in runs:
+        for level in levels:
+            mine, ref = _best_at(rows, run, level, q_full), _best_at(rows, MUE, level, q_full)
+            if mine is None:
+                verdict = "MuE (the baseline keeps no setting here)" if ref is not None and run != MUE else "-"
+                cells = ["none keeps it", "-", "-", "-", verdict]
+            else:
+                if run == MUE:
+                    verdict = "-"
+                elif ref is None:
+                    verdict = "baseline (MuE keeps no setting here)"
+                else:
+                    verdict = " / ".join(_verdict(key, ref[key], mine[key], tie) for key, _ in CRITERIA)
+                cells = [f"{100 * mine['etr']:.1f}",
+                         "n/a" if mine["flops_reduction"] is None else f"{100 * mine['flops_reduction']:.1f}",
+                         "n/a" if mine["speedup"] is None else f"{mine['speedup']:.2f}", mine["setting"], verdict]
+            lines.append("| " + " | ".join([run, f">= {100 * level:g}%"] + cells) + " |")
+    lines.append("")
+    note = (f"Each criterion's best may come from another setting of the method. Speedups are one timing per "
+            f"setting against the full model's; within {100 * tie:.0f}% of each other they count as a tie")
+    if retimed is not None:
+        note += (f" (the full model, timed again after the sweeps, ran at {retimed:.2f}x of its first timing: "
+                 "timing noise alone moves speedups that much)")
+    lines.append(note + ".")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", help="output directory (data, checkpoints, records, report)")
+    parser.add_argument("--task", choices=sorted(TASKS), default="caption", help="default caption")
+    parser.add_argument("--checkpoints", help="directory with mue/, imitation/, ofa_tiny/ checkpoint_last.pt")
+    parser.add_argument("--train", action="store_true",
+                        help="train the three models first (into OUT/checkpoints; synthetic benchmark only)")
+    parser.add_argument("--data", help="synthetic benchmark directory (default: written to OUT/data)")
+    parser.add_argument("--task-data", help="the task's fairseq data directory (real data, e.g. OFA's COCO "
+                        "files); needs --checkpoints")
+    parser.add_argument("--task-args", help="task arguments of training and generation, one string (default: "
+                        "the synthetic benchmark's; give \"\" for OFA's defaults on real data)")
+    parser.add_argument("--gen-args", help="generation arguments, one string (default: batch 16; captions also "
+                        "beam 3, max_len_b 16, BLEU and CIDEr only)")
+    parser.add_argument("--reference-arch", default="mue_ofa_micro",
+                        help="arch of the MuE model, OFA-Tiny's Eq. 14 and FLOPs are counted against it "
+                             "(default mue_ofa_micro, the synthetic benchmark's)")
+    parser.add_argument("--split", default="valid", help="split to evaluate (default valid)")
+    parser.add_argument("--tiny", action="store_true", help="tiny data, few updates, two points per method (tests)")
+    args = parser.parse_args(argv)
+    if not args.train and not args.checkpoints:
+        parser.error("give --checkpoints DIR (trained models) or --train")
+    if args.task_data and (args.train or args.data):
+        parser.error("--task-data (real data) takes trained --checkpoints; --train and --data are for the "
+                     "synthetic benchmark")
+    if args.task_data and not os.path.isdir(args.task_data):
+        parser.error(f"--task-data {args.task_data}: no such directory")
+    logging.getLogger().setLevel(logging.WARNING)  # fairseq's INFO logs drown the comparison
+    import mue  # noqa: F401  (registers the plugin)
+    from mue.data.synthetic import generate
+    from mue.evaluation.records import load_records, quality_key
+    from mue.evaluation.report import render_report
+
+    size = sizes(args.tiny, args.task)
+    if args.task_data:
+        data = args.task_data
+    else:
+        data_root = args.data or os.path.join(args.out, "data")
+        if not os.path.isfile(os.path.join(data_root, "dict.txt")):
+            generate(data_root, num_train=size["train"], num_valid=size["valid"], num_test=size["test"],
+                     image_size=size["image"])
+        data = os.path.join(data_root, args.task)
+    task_args = model_args(size) if args.task_args is None else shlex.split(args.task_args)
+    gen = [*task_args, *(default_gen_args(args.task) if args.gen_args is None else shlex.split(args.gen_args))]
+    ckpt_dir = args.checkpoints or os.path.join(args.out, "checkpoints")
+    if args.train:
+        train_models(data_root, ckpt_dir, size, args.task, args.tiny)
+    records_dir = os.path.join(args.out, "records")
+    paths = run_sweeps(data, ckpt_dir, records_dir, args.tiny, args.split, args.task, gen, args.reference_arch)
+    retimed = retime_full(data, ckpt_dir, records_dir, args.split, args.task, gen)
+    records = load_records(paths)
+    report_dir = os.path.join(args.out, "report")
+    where = "synthetic" if not args.task_data else os.path.basename(os.path.normpath(args.task_data))
+    headline = render_report(records, report_dir,
+                             title=f"MuE vs exit baselines and OFA-Tiny ({args.task}, {where})")
+    table = comparison_table(records, args.task, retimed=retimed)
+    with open(os.path.join(report_dir, "comparison.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    print(headline)
+    print(f"\n## Best saving per method at each kept share of the full model's {quality_key(args.task)}\n")
+    print(table)
+    print(f"\nreport written to {report_dir}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
