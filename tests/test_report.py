@@ -376,3 +376,19 @@ def test_every_printout_writes_a_saving_as_a_positive_time_reduction():
         text = open(path, encoding="utf-8").read()
         bad = re.findall(r"-100(?:\.0)? ?\*[^\n]*|\{[^}\n]*:\+\.\d+f\} ?%", text)
         assert not bad, f"{path}: a reduction printed with another sign convention: {bad}"
+
+
+def test_flops_breakdown_names_the_share_exits_can_skip():
+    from mue.evaluation.tables import flops_breakdown_table
+
+    full = rec("full", 1.0, 1.0, 1.0, q=0.9, etr=0.0)
+    full["exit"]["flops_by_component"] = {
+        "resnet_stem": {"spent": 50e9, "full": 50e9}, "encoder_image": {"spent": 10e9, "full": 10e9},
+        "encoder_text": {"spent": 5e9, "full": 5e9}, "cross_kv": {"spent": 5e9, "full": 5e9},
+        "decoder_layers": {"spent": 25e9, "full": 25e9}, "output_projection": {"spent": 5e9, "full": 5e9},
+        "exit_classifier": {"spent": 0, "full": 0}}
+    text = flops_breakdown_table([full, rec("mue", 0.9, 0.9, 0.9, q=0.85, etr=0.3)], "caption")
+    assert "| resnet_stem | 50.000 | 50.0 |" in text and "exit_classifier" not in text  # zero rows left out
+    assert "decoder layers) are 40.0 % of the full model's FLOPs" in text  # 10 + 5 + 25 of 100
+    del full["exit"]["flops_by_component"]
+    assert flops_breakdown_table([full], "caption") == "No FLOP breakdown in the full model's record."

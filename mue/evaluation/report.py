@@ -2,7 +2,8 @@
 
     python -m mue.evaluation.report RESULTS_DIR_OR_FILES... --out DIR [--target 0.99 --dev-dir DIR]
 
-writes DIR/report.md (per task and split: the trade-off table, the curves, image vs text depth, the
+writes DIR/report.md (per task and split: the trade-off table, the curves, where the full model's FLOPs
+go, image vs text depth, the
 runs' ablation table and, with --dev-dir, the thresholds chosen on dev for each --target) and the PNGs.
 The parts live in their own modules: ``records`` (the record format, the full model, selection),
 ``tables`` (markdown) and ``plots`` (curves).
@@ -17,7 +18,7 @@ from typing import Dict, Optional, Sequence
 from .calibration import calibration_table
 from .plots import X_AXES, plot_tradeoff
 from .records import format_thresholds, is_never_exit, load_records, validate_record
-from .tables import ablation_table, decomposition_table, target_table, tradeoff_table
+from .tables import ablation_table, decomposition_table, flops_breakdown_table, target_table, tradeoff_table
 
 # format_thresholds and is_never_exit are re-exported: tests/test_baselines.py imports them from here
 __all__ = ["render_report", "main", "format_thresholds", "is_never_exit"]
@@ -34,6 +35,13 @@ def _calibration(dev_records, records, task, target, baseline_run) -> str:
         return calibration_table(dev_records, records, task, target=target, baseline_run=baseline_run)
     except (KeyError, ValueError) as err:  # e.g. records without per-example predictions
         return f"Not calibrated: {err}"
+
+
+def _flops_breakdown(records, task, baseline_run) -> str:
+    try:
+        return flops_breakdown_table(records, task, baseline_run)
+    except ValueError as err:  # no full-model record among these
+        return f"No FLOP breakdown: {err}"
 
 
 def render_report(records: Sequence[dict], out_dir: str, title: str = "MuE evaluation report",
@@ -67,7 +75,8 @@ def render_report(records: Sequence[dict], out_dir: str, title: str = "MuE evalu
                 body.append(f"Speedup plot not drawn: {e}")
                 continue
             body.append(f"![{task} {x}]({png})")
-        body += ["### Image depth vs text depth", decomposition_table(recs, task, baseline_run, quality),
+        body += ["### Where the full model's FLOPs go", _flops_breakdown(recs, task, baseline_run),
+                 "### Image depth vs text depth", decomposition_table(recs, task, baseline_run, quality),
                  "### Runs (ablations)", ablation_table(recs, task, baseline_run=baseline_run, quality=quality)]
         if dev_records and any(r.get("task") == task for r in dev_records):
             body += [f"### Thresholds chosen on dev, reported on {split}",

@@ -8,7 +8,11 @@ from .records import (NoSettingMeetsTarget, etr_of, find_baseline, format_thresh
                       quality_of, record_name, select_for_target, task_records, tradeoff_rows,
                       with_defaults)
 
-__all__ = ["markdown", "fmt", "pct", "tradeoff_table", "decomposition_table", "target_table", "ablation_table"]
+__all__ = ["markdown", "fmt", "pct", "tradeoff_table", "decomposition_table", "target_table", "ablation_table",
+           "flops_breakdown_table"]
+
+#: the FLOP components that exits can skip: the encoder streams' layers and the decoder's layers
+EXITABLE = ("encoder_image", "encoder_text", "decoder_layers")
 
 
 def markdown(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -147,3 +151,23 @@ def ablation_table(records: Sequence[dict], task: str, levels: Sequence[float] =
                 row += ["none", "n/a"]
         body.append(row)
     return markdown(headers, body)
+
+
+def flops_breakdown_table(records: Sequence[dict], task: str, baseline_run: str = "full",
+                          split: Optional[str] = None) -> str:
+    """Markdown: where the full model's FLOPs go (``exit.flops_by_component`` of its record), and the share
+    in the layers that exits can skip, which bounds any FLOP saving."""
+    base = find_baseline(task_records(records, task, split), task, baseline_run)
+    parts = (base.get("exit") or {}).get("flops_by_component")
+    if not parts:
+        return "No FLOP breakdown in the full model's record."
+    full = {name: float(v["full"]) for name, v in parts.items()}
+    total = sum(full.values())
+    if total <= 0:
+        return "No FLOP breakdown in the full model's record (0 FLOPs)."
+    rows = [[name, f"{v / 1e9:.3f}", pct(v / total)] for name, v in full.items() if v > 0]
+    exitable = sum(full.get(name, 0.0) for name in EXITABLE)
+    return (markdown(["component", "GFLOPs", "% of the full model"], rows) +
+            f"\n\nThe layers that exits skip (image and text streams, decoder layers) are {pct(exitable / total)} % "
+            "of the full model's FLOPs: the most any exit setting can save (less in practice, since every "
+            "stream runs its first layer).")
