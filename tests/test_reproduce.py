@@ -196,7 +196,14 @@ def test_synthetic_path_trains_three_runs_and_renders_the_tables(synthetic):
                                                           "checkpoint_last.pt"))["cfg"]
         stage1 = str(out / "checkpoints" / f"mue_caption_{suffix}_stage1" / "checkpoint_last.pt")
         assert (cfg.criterion._name, cfg.checkpoint.finetune_from_model) == ("mue_scst", stage1), suffix
-    assert "## Caption stage 1 -> stage 2" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "## Caption stage 1 -> stage 2" in report
+    # MuE's model cut to K layers on test (--tiny: K = 1 and L - 1; K = L is the full model's record)
+    forced = [json.load(open(p)) for p in glob.glob(str(out / "forced_depth" / "records" / "*.json"))]
+    assert sorted((r["task"], r["thresholds"]["exit_depth"]) for r in forced) == [
+        ("caption", 1), ("caption", 5), ("snli_ve", 1), ("snli_ve", 5)]
+    assert all(r["exit"]["mean_decoder_layers"] == r["thresholds"]["exit_depth"] for r in forced)
+    assert "## Forced depth" in report and "### caption" in report and "### snli_ve" in report
     for task in ("snli_ve", "caption"):
         assert (out / f"figure_{task}_time_reduction.png").stat().st_size > 0
 

@@ -39,7 +39,7 @@ DEMO = {
     "num_test": 1000,  # images in the test split (enough for the stage comparison's interval)
     "image_size": 64,
     "scst_epochs": 1,  # caption stage 2
-    "eval_batch_size": 50,
+    "eval_batch_size": 100,  # (outputs do not depend on it; 100 is ~7 % faster than 50 on 2 cores)
     # w/o decomposition is left to scripts/reproduce.py --synthetic: a third run per task breaks the 20-minute budget
     "runs": ["mue", "w/o layer-wise loss"],
 }

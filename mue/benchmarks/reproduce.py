@@ -62,7 +62,7 @@ STAGE_TARGET = 0.99  # the stage comparison reports MuE at the dev setting keepi
 SWEEPS = {
     "synthetic": {
         "mue": [FULL, (0.995, 0.995, 0.995), (0.99, 0.99, 0.99), (0.98, 0.98, 0.98), (0.95, 0.95, 0.95),
-                (0.9, 0.9, 0.9), (0.9, 1.0, 1.0), (1.0, 0.9, 1.0)],
+                (0.9, 1.0, 1.0), (1.0, 0.9, 1.0)],
         "ablation": [FULL, (0.99, 0.99, 0.99), (0.95, 0.95, 0.95)],
     },
     # real data: the reference scripts' and the paper appendix's settings, a diagonal, and encoder-only
@@ -273,6 +273,20 @@ def evaluate_run(args, run: str, ckpt: str, generate_extra: Sequence[str]) -> No
           extra_args=generate_args(args, generate_extra))
 
 
+def evaluate_forced_depth(args, ckpt: str, generate_extra: Sequence[str]) -> None:
+    """MuE's final model cut to its first K layers (--exit-depth K, K < L) on the test split: records in
+    OUT/forced_depth/records, shown in report.md's forced-depth section (K = L is the full model's record)."""
+    from mue.evaluation.records import find_baseline, load_records
+    from mue.evaluation.sweep import FULL, sweep
+
+    runs = [r for r in load_records(os.path.join(args.out, "runs")) if r.get("split") == args.test_split]
+    layers = int(find_baseline(runs, args.task)["exit"]["n_dec_layers"])
+    depths = [1, layers - 1] if args.tiny else range(1, layers)
+    sweep(task_data(args), TASKS[args.task], ckpt, os.path.join(args.out, "forced_depth", "records"), [FULL],
+          (args.test_split,), run="mue", full_run=None, extra_args=generate_args(args, generate_extra),
+          point_args=[("--exit-depth", str(k)) for k in depths])
+
+
 def compare_first_stage(args, stage1_ckpt: str, generate_extra: Sequence[str]) -> None:
     """MuE's caption stage 1 vs its final stage on test, for the full model and at the thresholds chosen on
     dev (``STAGE_TARGET``): the stage-1 checkpoint is evaluated there (records in OUT/stages/records) and
@@ -314,13 +328,15 @@ def render(out: str, title: str, dev_split: str = "valid", test_split: str = "te
     from mue.evaluation.records import load_records
     from mue.evaluation.report import render_report
 
-    from mue.evaluation.stage_comparison import section
+    from mue.evaluation import forced_depth, stage_comparison
 
     records = load_records(os.path.join(out, "runs"))
     test = [r for r in records if r.get("split") == test_split]
     dev = [r for r in records if r.get("split") == dev_split]
-    render_report(test, out, title, dev_records=dev, targets=(0.99, 0.96),
-                  extra_sections=section(os.path.join(out, "stages")))
+    sections = {**forced_depth.section(os.path.join(out, "forced_depth", "records"), os.path.join(out, "runs"),
+                                       test_split),
+                **stage_comparison.section(os.path.join(out, "stages"))}
+    render_report(test, out, title, dev_records=dev, targets=(0.99, 0.96), extra_sections=sections)
     return paper_tables.render_paper_tables(dev, test, out, title)
 
 
@@ -352,6 +368,7 @@ def run_task(args, extra: Sequence[str] = (), progress: Progress = None) -> None
     progress.begin(f"evaluating {args.task} over threshold sweeps ({args.dev_split}, {args.test_split})")
     for run, stages in ckpts.items():
         evaluate_run(args, run, stages[-1], generate_extra)
+    evaluate_forced_depth(args, ckpts["mue"][-1], generate_extra)
     if len(ckpts["mue"]) > 1:
         compare_first_stage(args, ckpts["mue"][0], generate_extra)
 
@@ -435,8 +452,9 @@ def clear_task_outputs(args) -> None:
         for name in os.listdir(ckpt_root):
             if name.startswith(fairseq_task + "_"):
                 shutil.rmtree(os.path.join(ckpt_root, name))
-    runs = os.path.join(args.out, "runs")
-    for folder in (runs, os.path.join(runs, "generate")):
+    records = [os.path.join(args.out, "runs"), os.path.join(args.out, "forced_depth", "records"),
+               os.path.join(args.out, "stages", "records"), os.path.join(args.out, "stages")]
+    for folder in records + [os.path.join(r, "generate") for r in records]:
         if os.path.isdir(folder):
             for name in os.listdir(folder):
                 if name.startswith(fairseq_task + "_"):

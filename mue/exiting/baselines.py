@@ -35,7 +35,8 @@ from .policy import CosineExitPolicy
 
 __all__ = ["EXIT_POLICIES", "DecoderExitRule", "CosineDecoderExit", "EntropyDecoderExit",
            "PatienceDecoderExit", "ImitationDecoderExit", "ImitationHeads", "make_decoder_rule",
-           "prediction_entropy", "validate_exit_entropy", "validate_exit_patience", "attach_imitation_heads"]
+           "prediction_entropy", "validate_exit_entropy", "validate_exit_patience", "attach_imitation_heads",
+           "DepthLimit"]
 
 def prediction_entropy(logits: Tensor) -> Tensor:
     """Entropy in nats of softmax(logits) over the last axis (fp32 softmax)."""
@@ -169,6 +170,35 @@ class ImitationDecoderExit(DecoderExitRule):
 
     def __repr__(self):
         return f"ImitationDecoderExit(max_entropy={self.max_entropy:g})"
+
+
+class DepthLimit(DecoderExitRule):
+    """``--exit-depth``: ``inner``'s decisions, and every row stops after layer ``depth`` at the latest."""
+
+    def __init__(self, inner: DecoderExitRule, depth: int):
+        if depth < 1:
+            raise ValueError(f"DepthLimit: depth must be >= 1, got {depth}")
+        self.inner, self.depth = inner, int(depth)
+        self.name, self.projects, self.uses_heads = inner.name, inner.projects, inner.uses_heads
+
+    def enabled(self, threshold) -> bool:
+        return True
+
+    def new_state(self, n_rows: int, device):
+        return self.inner.new_state(n_rows, device)
+
+    def decide(self, idx, out, inputs, threshold, decoder, state, rows):
+        if self.inner.enabled(threshold):
+            stop, out = self.inner.decide(idx, out, inputs, threshold, decoder, state, rows)
+        else:
+            stop = torch.zeros(out.size(0), dtype=torch.bool, device=out.device)
+        return stop | (idx + 1 >= self.depth), out
+
+    def exit_state(self, idx, out, decoder):
+        return self.inner.exit_state(idx, out, decoder)
+
+    def __repr__(self):
+        return f"DepthLimit({self.inner!r}, depth={self.depth})"
 
 
 def make_decoder_rule(exit_policy: str = "cosine", exit_entropy: float = 0.0, exit_patience: int = 0,

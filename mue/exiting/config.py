@@ -68,6 +68,10 @@ class ExitConfig(FairseqDataclass):
     exit_patience: int = field(
         default=0, metadata={"help": "patience rule: exit once the argmax prediction stayed unchanged for this "
                                      "many consecutive layers (0: never)"})
+    exit_depth: int = field(
+        default=0, metadata={"help": "every stream (image, text, decoder) stops after this layer at the latest "
+                                     "(0: no limit); with the thresholds at 1 it is the model cut to its first "
+                                     "layers, the forced-depth curve"})
 
 
 EXIT_KNOBS = tuple(f.name for f in dataclasses.fields(ExitConfig) if not f.name.startswith("_"))
@@ -157,6 +161,7 @@ def check(config: "ExitConfig") -> "ExitConfig":
     c.exit_policy = validate_choice(c.exit_policy, "--exit-policy", EXIT_POLICIES)
     c.exit_entropy = validate_exit_entropy(c.exit_entropy)
     c.exit_patience = validate_exit_patience(c.exit_patience)
+    c.exit_depth = validate_count(c.exit_depth, "--exit-depth", 0, " (0: no limit)")
     if c.exit_entropy > 0 and c.exit_policy not in ("entropy", "imitation"):
         raise OptionError(f"--exit-entropy is the knob of --exit-policy entropy/imitation, not {c.exit_policy}")
     if c.exit_patience > 0 and c.exit_policy != "patience":
@@ -187,10 +192,10 @@ def exit_config(source: Any = None, **overrides) -> ExitConfig:
 
 
 def exits_requested(config) -> bool:
-    """Whether any knob allows an exit (some threshold < 1, or a baseline rule's knob > 0)."""
+    """Whether any knob allows an exit (some threshold < 1, a baseline rule's knob > 0, a depth limit)."""
     c = exit_config(config)
     return (any(not never_exits(getattr(c, n)) for n in THRESHOLD_KNOBS)
-            or c.exit_entropy > 0 or c.exit_patience > 0)
+            or c.exit_entropy > 0 or c.exit_patience > 0 or c.exit_depth > 0)
 
 
 def as_record(config) -> dict:

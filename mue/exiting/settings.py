@@ -7,7 +7,7 @@ sees settings inside `mue.exiting.session.exit_session`; training never sets the
 """
 from typing import Optional
 
-from .baselines import DecoderExitRule, make_decoder_rule
+from .baselines import DecoderExitRule, DepthLimit, make_decoder_rule
 from .config import KV_POLICIES, NEVER_EXIT, exit_config  # noqa: F401  (KV_POLICIES: re-export)
 from .policy import CosineExitPolicy
 from .schedule import ThresholdSchedule
@@ -28,6 +28,8 @@ class ExitSettings:
         self.dec_schedule = None if schedule.never_exits else schedule  # None: the cosine rule never exits
         self.dec_rule = dec_rule if dec_rule is not None else make_decoder_rule(
             self.config.exit_policy, self.config.exit_entropy, self.config.exit_patience, cosine=self.policy)
+        if self.config.exit_depth:
+            self.dec_rule = DepthLimit(self.dec_rule, self.config.exit_depth)
 
     @classmethod
     def from_config(cls, config, trace: Optional[ExitTrace] = None) -> "ExitSettings":
@@ -40,6 +42,11 @@ class ExitSettings:
     @property
     def txt_thres(self) -> float:
         return self.config.txt_thres
+
+    @property
+    def exit_depth(self) -> Optional[int]:
+        """--exit-depth: the most layers any stream runs (None: no limit)."""
+        return self.config.exit_depth or None
 
     @property
     def kv_policy(self) -> str:

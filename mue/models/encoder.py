@@ -233,6 +233,9 @@ class MueEncoder(FairseqEncoder):
         """``image_keys``: each row's image id (the collater passes them): at inference, rows with one
         image share one run of the decomposed image stream (mue.models.image_reuse)."""
         settings = self.exit_settings
+        if settings is not None and settings.exit_depth:  # --exit-depth caps both streams
+            max_image_depth = settings.exit_depth if max_image_depth is None else max_image_depth
+            max_text_depth = settings.exit_depth if max_text_depth is None else max_text_depth
         text_x, text_pad, text_pos = self.embed_text(src_tokens)
         states: Optional[List[torch.Tensor]] = [] if return_all_hiddens else None
         bsz, n_text = text_pad.shape
