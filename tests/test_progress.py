@@ -26,6 +26,14 @@ def test_lines_count_stages_and_scale_the_estimate_by_the_pace():
         p.line("extra")
 
 
+def test_a_short_first_stage_does_not_set_the_pace():
+    clock = Clock()
+    p = Progress(2, expected=[10, 600], clock=clock)
+    p.line("data")
+    clock.now += 5  # twice as fast as measured, over 10 s: too little to scale 10 minutes by
+    assert p.line("train") == "==> stage 2 of 2: train  (elapsed 0 min 05 s, about 10 min 00 s left)"
+
+
 def test_without_expected_durations_only_elapsed_is_shown():
     clock = Clock()
     p = Progress(2, clock=clock)

@@ -3,6 +3,8 @@ from each stage's expected share of the whole (measured once), scaled by how fas
 import time
 from typing import Optional, Sequence
 
+PACE_BASIS_S = 60  # expected seconds done before the estimate is scaled by this machine's pace
+
 
 def _minutes(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -28,8 +30,9 @@ class Progress:
         text = f"==> stage {self.done + 1} of {self.total}: {title}  (elapsed {_minutes(elapsed)}"
         if self.expected:
             behind, ahead = sum(self.expected[:self.done]), sum(self.expected[self.done:])
-            # how this machine compares with the measured run, once a stage has been timed
-            pace = elapsed / behind if behind > 0 and elapsed > 0 else 1.0
+            # how this machine compares with the measured run, once a minute of it has been timed (a few
+            # seconds of set-up say little about the rest)
+            pace = elapsed / behind if behind >= PACE_BASIS_S and elapsed > 0 else 1.0
             text += f", about {_minutes(ahead * pace)} left"
         self.done += 1
         return text + ")"

@@ -368,7 +368,8 @@ def run_task(args, extra: Sequence[str] = (), progress: Progress = None) -> None
     progress.begin(f"evaluating {args.task} over threshold sweeps ({args.dev_split}, {args.test_split})")
     for run, stages in ckpts.items():
         evaluate_run(args, run, stages[-1], generate_extra)
-    evaluate_forced_depth(args, ckpts["mue"][-1], generate_extra)
+    if args.forced_depth:
+        evaluate_forced_depth(args, ckpts["mue"][-1], generate_extra)
     if len(ckpts["mue"]) > 1:
         compare_first_stage(args, ckpts["mue"][0], generate_extra)
 
@@ -402,6 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default 64; --update-freq follows)")
     p.add_argument("--lr", type=float, help="learning rate (default: the paper's; synthetic 1e-3)")
     p.add_argument("--eval-batch-size", type=int, default=50)
+    p.add_argument("--forced-depth", action=argparse.BooleanOptionalAction, default=True,
+                   help="evaluate MuE's model cut to K = 1..L-1 layers on test (the report's forced-depth table)")
     p.add_argument("--num-workers", type=int, default=None, help="data loader workers (default 4 real, 0 synthetic)")
     g = p.add_argument_group("synthetic data sizes")
     g.add_argument("--num-train", type=int, default=1000, help="training images")
