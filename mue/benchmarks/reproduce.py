@@ -10,7 +10,9 @@ The logic of scripts/reproduce.py (and of the demo's runs, mue.benchmarks.demo).
                "w/o decomposition" (--encoder-mode joint, trained that way) and "w/o layer-wise loss"
                (--last-layer-only); caption on real data adds stage 2 (self-critical, criterion mue_scst)
   3. evaluate  threshold sweeps with mue.evaluation.sweep (in-process fairseq-generate) on dev and test;
-               one JSON record per setting in OUT/runs
+               one JSON record per setting in OUT/runs; MuE's model cut to K = 1..L-1 layers on test
+               (--exit-depth K; OUT/forced_depth, off with --no-forced-depth); caption stage 1 on test
+               against stage 2 (OUT/stages)
   4. report    OUT/report.md (mue.evaluation.report) and OUT/paper_tables.md with Tables 1-4 and the
                figures (mue.evaluation.paper_tables); Table 1 is printed at the end
 
