@@ -31,17 +31,16 @@ def test_rows_by_depth_with_the_full_model_last():
     assert forced_depth_table(forced, full, "caption") is None  # no records of that task
 
 
-def test_section_reads_the_record_folders(tmp_path):
+def test_section_reads_the_forced_depth_records(tmp_path):
     import json
 
-    runs, forced = tmp_path / "runs", tmp_path / "forced"
-    runs.mkdir(), forced.mkdir()
+    forced = tmp_path / "forced"
+    forced.mkdir()
     full = record([True] * 8 + [False] * 2)
-    (runs / "full.json").write_text(json.dumps(full))
     one = record([True] * 5 + [False] * 5, depth=1)
     path = record_path(str(forced), "mue_snli_ve", "mue", "test", (1.0, 1.0, 1.0), ["--exit-depth", "1"])
     open(path, "w").write(json.dumps(one))
-    text = section(str(forced), str(runs))
+    text = section(str(forced), [full])
     (title, body), = text.items()
     assert title.startswith("Forced depth") and "### snli_ve" in body and "| 1 | 0.5000 | 62.5 |" in body
-    assert section(str(tmp_path / "missing"), str(runs)) == {}
+    assert section(str(tmp_path / "missing"), [full]) == {}

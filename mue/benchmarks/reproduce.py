@@ -278,11 +278,12 @@ def evaluate_run(args, run: str, ckpt: str, generate_extra: Sequence[str]) -> No
 def evaluate_forced_depth(args, ckpt: str, generate_extra: Sequence[str]) -> None:
     """MuE's final model cut to its first K layers (--exit-depth K, K < L) on the test split: records in
     OUT/forced_depth/records, shown in report.md's forced-depth section (K = L is the full model's record)."""
-    from mue.evaluation.records import find_baseline, load_records
-    from mue.evaluation.sweep import FULL, sweep
+    import json
 
-    runs = [r for r in load_records(os.path.join(args.out, "runs")) if r.get("split") == args.test_split]
-    layers = int(find_baseline(runs, args.task)["exit"]["n_dec_layers"])
+    from mue.evaluation.sweep import FULL, record_path, sweep
+
+    with open(record_path(os.path.join(args.out, "runs"), TASKS[args.task], "full", args.test_split, FULL)) as f:
+        layers = int(json.load(f)["exit"]["n_dec_layers"])  # the full model's record, written by its sweep
     depths = [1, layers - 1] if args.tiny else range(1, layers)
     sweep(task_data(args), TASKS[args.task], ckpt, os.path.join(args.out, "forced_depth", "records"), [FULL],
           (args.test_split,), run="mue", full_run=None, extra_args=generate_args(args, generate_extra),
@@ -335,8 +336,7 @@ def render(out: str, title: str, dev_split: str = "valid", test_split: str = "te
     records = load_records(os.path.join(out, "runs"))
     test = [r for r in records if r.get("split") == test_split]
     dev = [r for r in records if r.get("split") == dev_split]
-    sections = {**forced_depth.section(os.path.join(out, "forced_depth", "records"), os.path.join(out, "runs"),
-                                       test_split),
+    sections = {**forced_depth.section(os.path.join(out, "forced_depth", "records"), test, test_split),
                 **stage_comparison.section(os.path.join(out, "stages"))}
     render_report(test, out, title, dev_records=dev, targets=(0.99, 0.96), extra_sections=sections)
     return paper_tables.render_paper_tables(dev, test, out, title)

@@ -8,7 +8,7 @@ full model's own record) and the report shows them per task with "% of full" and
 """
 from typing import Dict, List, Optional, Sequence
 
-from .intervals import per_example_quality, ratio_interval
+from .intervals import interval_cells
 from .records import find_baseline, load_records, quality_key, quality_of
 from .tables import fmt, markdown, pct
 
@@ -31,15 +31,13 @@ def forced_depth_table(forced: Sequence[dict], full: dict, task: str) -> Optiona
     by_depth = {depth_of(r, layers): r for r in recs}
     by_depth[layers] = full
     q_full = quality_of(full, key)
-    base = per_example_quality(full, key)
+    depths = sorted(by_depth)
+    intervals = interval_cells([by_depth[d] for d in depths], full, key)
     rows = []
-    for depth in sorted(by_depth):
+    for depth, interval in zip(depths, intervals):
         rec = by_depth[depth]
         q = quality_of(rec, key)
-        values = per_example_quality(rec, key) if base else None
-        interval = ratio_interval(values, base) if values else None
-        rows.append([str(depth), fmt(q), pct(q / q_full if q_full else None),
-                     "n/a" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]",
+        rows.append([str(depth), fmt(q), pct(q / q_full if q_full else None), interval,
                      pct((rec.get("exit") or {}).get("flops_reduction"))])
     text = markdown(["layers run (K)", key, "% of full", "95 % interval", "FLOPs red. (%)"], rows)
     if 2 in by_depth and q_full:
@@ -48,9 +46,9 @@ def forced_depth_table(forced: Sequence[dict], full: dict, task: str) -> Optiona
     return text
 
 
-def section(forced_dir: str, runs_dir: str, split: str = "test") -> Dict[str, str]:
+def section(forced_dir: str, runs: Sequence[dict], split: str = "test") -> Dict[str, str]:
     """{title: markdown} for ``render_report``'s extra sections, per task with forced-depth records in
-    ``forced_dir`` (their full models from ``runs_dir``); empty when there are none."""
+    ``forced_dir`` (their full models among the sweep records ``runs``); empty when there are none."""
     import os
 
     if not os.path.isdir(forced_dir):
@@ -58,7 +56,7 @@ def section(forced_dir: str, runs_dir: str, split: str = "test") -> Dict[str, st
     forced = [r for r in load_records(forced_dir) if r.get("split") == split]
     if not forced:
         return {}
-    runs = [r for r in load_records(runs_dir) if r.get("split") == split]
+    runs = [r for r in runs if r.get("split") == split]
     parts: List[str] = []
     for task in sorted({r["task"] for r in forced}):
         table = forced_depth_table(forced, find_baseline(runs, task), task)

@@ -65,6 +65,13 @@ def _bleu4(stats: np.ndarray) -> float:
     return corpus_bleu(stats[2 + n:], stats[2:2 + n], stats[0], stats[1])[-1]
 
 
+def bootstrap_counts(n: int, rounds: int, seed: int) -> np.ndarray:
+    """[rounds, n]: how often each of ``n`` examples is drawn in each resample (with replacement), so a
+    round's sum of per-example values is ``counts @ values``."""
+    draws = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
+    return np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)
+
+
 def paired_bootstrap(hyps_a: Dict[str, str], hyps_b: Dict[str, str], refs: Dict[str, Sequence[str]],
                      rounds: int = 2000, seed: int = 1, ptb_tokenize: bool = False) -> Dict[str, dict]:
     """{metric: {"a", "b", "diff", "low", "high", "p_not_better"}} x100 for CIDEr and BLEU-4: B minus A on
@@ -75,8 +82,7 @@ def paired_bootstrap(hyps_a: Dict[str, str], hyps_b: Dict[str, str], refs: Dict[
     sa = per_image_scores(hyps_a, refs, ptb_tokenize)
     sb = per_image_scores(hyps_b, refs, ptb_tokenize)
     n = len(refs)
-    draws = np.random.default_rng(seed).integers(0, n, size=(rounds, n))
-    counts = np.stack([np.bincount(d, minlength=n) for d in draws]).astype(np.float64)  # [rounds, n]
+    counts = bootstrap_counts(n, rounds, seed)
     out = {}
     diff_cider = counts @ (sb["cider"] - sa["cider"]) / n
     bleu_a = counts @ sa["bleu"]

@@ -3,7 +3,7 @@ thresholds chosen on dev for a target quality, and ablations. The conventions (q
 "% of full", speedup) are those of the records module."""
 from typing import List, Optional, Sequence
 
-from .intervals import per_example_quality, ratio_interval
+from .intervals import interval_cells
 from .records import (NoSettingMeetsTarget, etr_of, find_baseline, format_thresholds, is_never_exit, quality_key,
                       quality_of, record_name, select_for_target, task_records, tradeoff_rows,
                       with_defaults)
@@ -40,24 +40,14 @@ def _subset_note(recs: Sequence[dict]) -> str:
     return ("\n\nNote: evaluated on part of the split only: " + "; ".join(partial)) if partial else ""
 
 
-def _ratio_intervals(rows: Sequence[dict], full: dict, key: str) -> List[str]:
-    """Each row's 95 % interval of "% of full" (mue.evaluation.intervals), "n/a" where none applies."""
-    base = per_example_quality(full, key)
-    cells = []
-    for r in rows:
-        values = per_example_quality(r["record"], key) if base else None
-        interval = ratio_interval(values, base) if values else None
-        cells.append("n/a" if interval is None else f"[{100 * interval[0]:.1f}, {100 * interval[1]:.1f}]")
-    return cells
-
-
 def tradeoff_table(records: Sequence[dict], task: str, baseline_run: str = "full",
                    quality: Optional[str] = None, split: Optional[str] = None) -> str:
     """Markdown: quality vs cost per record (``records.tradeoff_rows``); ``*`` marks the Pareto front; "% of
     full" with its paired bootstrap 95 % interval where the records carry per-example predictions."""
     key = quality_key(task, quality)
     rows = tradeoff_rows(records, task, baseline_run, quality, split)
-    intervals = _ratio_intervals(rows, find_baseline(task_records(records, task, split), task, baseline_run), key)
+    intervals = interval_cells([r["record"] for r in rows],
+                               find_baseline(task_records(records, task, split), task, baseline_run), key)
     headers = ["run", "thresholds", key, "% of full", "95 % interval", "time red. (%)", "FLOPs red. (%)",
                "speedup (x)", "image L", "text L", "decoder L", "Pareto"]
     body = [[r["record"]["run"], format_thresholds(r["record"]["thresholds"]), fmt(r["quality"]),
