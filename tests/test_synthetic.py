@@ -163,3 +163,26 @@ def test_wording_does_not_give_entailment_or_contradiction_away(tmp_path):
     valid = list(rows("valid"))
     hits = sum(template in votes and votes[template].most_common(1)[0][0] == label for template, label in valid)
     assert len(valid) == 400 and hits / len(valid) < 0.62
+
+
+def test_several_hypotheses_per_image_balanced_and_distinct(tmp_path):
+    paths = generate(str(tmp_path), seed=2, num_train=30, num_valid=1, num_test=1, image_size=16,
+                     hypotheses_per_image=6)
+    by_image = {}
+    for r in OfaSnliVeTsv(paths["train"]["snli_ve"]):
+        by_image.setdefault(r["image_id"], []).append((r["label"], r["hypothesis"]))
+    assert len(by_image) == 30
+    for pairs in by_image.values():
+        assert Counter(label for label, _ in pairs) == {"entailment": 2, "contradiction": 2, "neutral": 2}
+        assert len(set(pairs)) == 6
+    with pytest.raises(ValueError, match="multiple of 3"):
+        generate(str(tmp_path), num_train=1, num_valid=1, num_test=1, image_size=16, hypotheses_per_image=4)
+
+
+def test_hypotheses_do_not_change_the_scenes(tmp_path):
+    """The hypotheses have their own random stream: asking for more keeps every image and caption."""
+    three = generate(str(tmp_path / "a"), seed=2, num_train=5, num_valid=2, num_test=2, image_size=16)
+    six = generate(str(tmp_path / "b"), seed=2, num_train=5, num_valid=2, num_test=2, image_size=16,
+                   hypotheses_per_image=6)
+    for split in ("train", "valid", "test"):
+        assert open(three[split]["caption"]).read() == open(six[split]["caption"]).read()

@@ -292,6 +292,23 @@ def sample_hypothesis(rng: np.random.Generator, objects: List[Obj], label: str, 
     return say(kind, pool[rng.integers(len(pool))], rng)
 
 
+def sample_hypotheses(rng: np.random.Generator, objects: List[Obj], count: int, image_size: int,
+                      max_objects: int) -> List[tuple]:
+    """``count`` (label, hypothesis) pairs about one scene, count / 3 of each label, as real SNLI-VE has
+    several hypotheses per image; distinct where the scene allows (a one-object scene has few true facts)."""
+    pairs = []
+    for label in LABELS:
+        seen = set()
+        for _ in range(count // len(LABELS)):
+            for _ in range(20):
+                hyp = sample_hypothesis(rng, objects, label, image_size, max_objects)
+                if hyp not in seen:
+                    break
+            seen.add(hyp)
+            pairs.append((label, hyp))
+    return pairs
+
+
 # ------------------------------------------------------------------------------------------------ writer
 def _png_base64(img: Image.Image) -> str:
     buf = io.BytesIO()
@@ -300,8 +317,10 @@ def _png_base64(img: Image.Image) -> str:
 
 
 def _write_split(out_dir: str, split: str, split_index: int, num_images: int, seed: int, image_size: int,
-                 refs_per_image: int, max_objects: int, texts: List[str]) -> Dict[str, str]:
+                 refs_per_image: int, max_objects: int, hypotheses_per_image: int,
+                 texts: List[str]) -> Dict[str, str]:
     rng = np.random.default_rng([seed, split_index])
+    hyp_rng = np.random.default_rng([seed, split_index, 1])  # hypotheses apart: changing them keeps the scenes
     paths = {"caption": os.path.join(out_dir, "caption", f"{split}.tsv"),
              "refs": os.path.join(out_dir, "caption", f"{split}_refs.json"),
              "snli_ve": os.path.join(out_dir, "snli_ve", f"{split}.tsv"),
@@ -328,8 +347,8 @@ def _write_split(out_dir: str, split: str, split_index: int, num_images: int, se
                 refs_json["annotations"].append(
                     {"image_id": image_id, "id": len(refs_json["annotations"]), "caption": ref})
             premise = refs[0]
-            for k, label in enumerate(LABELS):
-                hyp = sample_hypothesis(rng, objects, label, image_size, max_objects)
+            for k, (label, hyp) in enumerate(sample_hypotheses(hyp_rng, objects, hypotheses_per_image,
+                                                               image_size, max_objects)):
                 ve_f.write(f"{image_id}_{k}\t{image_id}\t{image}\t{hyp}\t{premise}\t{label}\t{n}\n")
                 texts += [SNLI_VE_PROMPT.format(hypothesis=normalize_text(hyp)),
                           SNLI_VE_PREMISE_PROMPT.format(premise=normalize_text(premise),
@@ -344,11 +363,15 @@ def _write_split(out_dir: str, split: str, split_index: int, num_images: int, se
 
 
 def generate(out_dir: str, seed: int = 1, num_train: int = 1000, num_valid: int = 200, num_test: int = 200,
-             image_size: int = 64, refs_per_image: int = 5, max_objects: int = 6) -> Dict[str, object]:
+             image_size: int = 64, refs_per_image: int = 5, max_objects: int = 6,
+             hypotheses_per_image: int = 3) -> Dict[str, object]:
     """Write the synthetic benchmark under ``out_dir``; returns {"dict": path, "meta": path,
     "train"/"valid"/"test": {"caption", "refs", "snli_ve", "scenes"} paths}."""
     if not 1 <= max_objects <= 7:
         raise ValueError(f"max_objects must be in 1..7, got {max_objects}")
+    if hypotheses_per_image < len(LABELS) or hypotheses_per_image % len(LABELS):
+        raise ValueError(f"hypotheses_per_image must be a positive multiple of {len(LABELS)} (labels balanced), "
+                         f"got {hypotheses_per_image}")
     if image_size < 16:
         raise ValueError(f"image_size must be >= 16, got {image_size}")
     for sub in ("caption", "snli_ve", "scenes"):
@@ -358,13 +381,14 @@ def generate(out_dir: str, seed: int = 1, num_train: int = 1000, num_valid: int 
     result: Dict[str, object] = {}
     for k, split in enumerate(SPLITS):
         result[split] = _write_split(out_dir, split, k, sizes[split], seed, image_size, refs_per_image,
-                                     max_objects, texts)
+                                     max_objects, hypotheses_per_image, texts)
     texts += list(SNLI_VE_ANSWERS) + [CAPTION_PROMPT]
     result["dict"] = os.path.join(out_dir, "dict.txt")
     write_dict_for_corpus(texts, result["dict"])
     result["meta"] = os.path.join(out_dir, "meta.json")
     meta = {"generator": "mue.data.synthetic", "seed": seed, "image_size": image_size,
             "refs_per_image": refs_per_image, "max_objects": max_objects, "num_images": sizes,
+            "hypotheses_per_image": hypotheses_per_image,
             "difficulty": "number of objects (last TSV column)"}
     with open(result["meta"], "w", encoding="utf-8") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
@@ -388,9 +412,11 @@ def main(argv=None):
     p.add_argument("--refs-per-image", type=int, default=5, help="reference captions per image")
     p.add_argument("--max-objects", type=int, default=6, help="most objects per image (1..7); "
                    "difficulty is uniform over 1..max")
+    p.add_argument("--hypotheses-per-image", type=int, default=3, help="SNLI-VE hypotheses per image, a "
+                   "multiple of 3 (as many of each label)")
     args = p.parse_args(argv)
     result = generate(args.out, args.seed, args.num_train, args.num_valid, args.num_test, args.image_size,
-                      args.refs_per_image, args.max_objects)
+                      args.refs_per_image, args.max_objects, args.hypotheses_per_image)
     print(json.dumps(result, indent=1))
 
 
