@@ -153,12 +153,21 @@ def test_a_premise_flag_the_checkpoint_lacks_is_refused(trained):
         adopt_checkpoint_options(cfg, {"_name": "mue_snli_ve"}, "c.pt")  # older checkpoint: defaults
 
 
+def test_the_decoder_prompt_comes_from_the_checkpoint(trained):
+    cfg = task_cfg(trained[0])
+    assert "decoder_prompt" in adopt_checkpoint_options(cfg, {"decoder_prompt": True}, "p.pt")
+    assert cfg.decoder_prompt is True
+    cfg = task_cfg(trained[0], "--decoder-prompt")
+    with pytest.raises(OptionError, match="--decoder-prompt contradicts q.pt, which was trained with no --decoder-prompt"):
+        adopt_checkpoint_options(cfg, {"_name": "mue_snli_ve"}, "q.pt")
+
+
 def test_a_saved_none_is_the_default_and_an_ensemble_must_agree(trained):
     cfg = task_cfg(trained[0])
     origin = {}
     taken = adopt_checkpoint_options(cfg, {"patch_image_size": None, "num_codes": 0}, "a.pt", origin)
     assert cfg.patch_image_size == 480 and cfg.num_codes == 0 and cfg.num_bins == 1000
-    assert set(taken) == {*REBUILD_DEFAULTS, "add_premise"} and origin["num_codes"] == "a.pt"
+    assert set(taken) == {*REBUILD_DEFAULTS, "add_premise", "decoder_prompt"} and origin["num_codes"] == "a.pt"
     with pytest.raises(OptionError, match="a.pt was trained with --num-codes 0, b.pt with --num-codes 8192: "
                                           "the checkpoints of an ensemble must agree"):
         adopt_checkpoint_options(cfg, {"num_codes": 8192}, "b.pt", origin)

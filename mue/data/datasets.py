@@ -156,8 +156,10 @@ class VisionLanguageDataset(FairseqDataset):
 class SnliVeDataset(VisionLanguageDataset):
     """SNLI-VE examples (see the module docstring). ``add_premise``: use OFA's premise prompt."""
 
-    def __init__(self, *args, add_premise: bool = False, group_by_image: bool = False, **kwargs):
+    def __init__(self, *args, add_premise: bool = False, group_by_image: bool = False, decoder_prompt: bool = False,
+                 **kwargs):
         self.add_premise = add_premise
+        self.decoder_prompt = decoder_prompt
         self.group_by_image = group_by_image
         super().__init__(*args, **kwargs)
         self.candidates = encode_answer_candidates(self.tokenizer, self.dict)
@@ -175,7 +177,8 @@ class SnliVeDataset(VisionLanguageDataset):
     def size_bounds(self):
         prompt = SNLI_VE_PREMISE_PROMPT if self.add_premise else SNLI_VE_PROMPT
         words = self.max_src_length * (2 if self.add_premise else 1)
-        return (len(prompt.split()) + 2 * words + 2, 3)  # ~2 BPE tokens per word at most, plus bos/eos
+        source = len(prompt.split()) + 2 * words + 2  # ~2 BPE tokens per word at most, plus bos/eos
+        return (source, source + 1 if self.decoder_prompt else 3)  # the decoder prompt: source - 2 + answer
 
     def source_text(self, record: dict) -> str:
         hypothesis = normalize_text(record["hypothesis"], self.max_src_length)
@@ -196,6 +199,12 @@ class SnliVeDataset(VisionLanguageDataset):
         example["prev_output_tokens"] = torch.cat(
             [self.candidates[cls].new_tensor([self.dict.bos()]), self.candidates[cls][:-1]])
         example["constraint_mask"] = constraint_mask(example["target"], self.candidates, len(self.dict))
+        if self.decoder_prompt:  # OFA's prompt type prev_output: the question (no eos) first, loss on the answer only
+            prompt = example["source"][:-1]
+            example["prev_output_tokens"] = torch.cat([prompt, example["target"][:-1]])
+            example["target"] = torch.cat([prompt.new_full((prompt.numel() - 1,), self.dict.pad()), example["target"]])
+            example["constraint_mask"] = torch.cat([example["constraint_mask"].new_zeros(
+                prompt.numel() - 1, len(self.dict)), example["constraint_mask"]])
         example["answer"] = SNLI_VE_ANSWERS[cls].strip()
         example["label"] = cls
         return example

@@ -2,9 +2,10 @@
 
 Source ``' does the image describe " HYP "?'`` (``--add-premise``: OFA's premise prompt), target the answer
 (" yes" entailment, " no" contradiction, " maybe" neutral) + eos, with constraint masks restricting the
-output to the answers' tokens. Prediction (validation and fairseq-generate): each answer is scored with
-teacher forcing -- the sum of its tokens' log-probabilities, eos included -- and the best one wins
-(``score_candidates``). Validation scores the answers with the configured exits and logs ``snli_score``
+output to the answers' tokens; ``--decoder-prompt`` (OFA's SNLI-VE recipe, its prompt type prev_output)
+has the decoder read the question before the answer, with the loss on the answer only. Prediction
+(validation and fairseq-generate): each answer is scored with teacher forcing -- the sum of its tokens'
+log-probabilities, eos included -- and the best one wins (``score_candidates``). Validation scores the answers with the configured exits and logs ``snli_score``
 (accuracy, %) beside the exit summary (``mue_time_reduction`` ...). fairseq-generate prints the chosen
 answer per example (H-/D- lines) and, once the whole split is scored, logs the accuracy and writes
 ``--eval-results`` if given (``--snli-results``: OFA-style predictions, mue.evaluation.result_files).
@@ -30,15 +31,17 @@ logger = logging.getLogger(__name__)
 
 
 def score_candidates(model, sample, candidates: Sequence[torch.Tensor], pad: int = None, bos: int = None,
-                     return_token_scores: bool = False):
+                     return_token_scores: bool = False, decoder_prompt: bool = False):
     """Teacher-forced score of every candidate answer for every row: FloatTensor[B, K].
 
     ``candidates``: K target token sequences (answer tokens + eos), shared by all rows. The encoder runs
     once; its output is repeated K times and the decoder scores the B*K (row, candidate) pairs in one
     call. A score is the sum of the candidate tokens' log-probabilities (eos included) under the full
     softmax -- OFA's constrained scoring, since masking other tokens does not change these values.
+    ``decoder_prompt`` (OFA's prompt type ``prev_output``): the decoder reads each row's source text
+    (bos + tokens, without eos) before the answer; else it starts from bos alone.
     Exits: those of the exit session the call runs in, if any (mue.exiting.session.exit_session).
-    ``return_token_scores``: also return the per-token log-probs [B, K, L] (0 at padding).
+    ``return_token_scores``: also return the answer tokens' log-probs [B, K, L] (0 at padding).
     """
     pad = model.decoder.dictionary.pad() if pad is None else pad
     bos = model.decoder.dictionary.bos() if bos is None else bos
@@ -46,16 +49,20 @@ def score_candidates(model, sample, candidates: Sequence[torch.Tensor], pad: int
     src = net_input["src_tokens"]
     bsz, k = src.size(0), len(candidates)
     candidates = [c.to(src.device) for c in candidates]
-    cands = pad_right(candidates, pad)  # K x L
-    prev = pad_right([torch.cat([c.new_tensor([bos]), c[:-1]]) for c in candidates], pad)
+    prompts = [row[row.ne(pad)][:-1] for row in src] if decoder_prompt else [src.new_tensor([bos])] * bsz
+    # row b, candidate j at b*K + j: the prompt, then the answer; the answer's scores start where the prompt ends
+    prev = pad_right([torch.cat([p, c[:-1]]) for p in prompts for c in candidates], pad)
+    starts = torch.tensor([p.numel() - 1 for p in prompts for _ in candidates], device=src.device)
+    cands = pad_right(candidates, pad).repeat(bsz, 1)  # (B*K) x L
     encoder_input = {key: v for key, v in net_input.items() if key != "prev_output_tokens"}
     encoder_out = model.encoder(**encoder_input)
     order = torch.arange(bsz, device=src.device).repeat_interleave(k)
     encoder_out = model.encoder.reorder_encoder_out(encoder_out, order)
-    targets = cands.repeat(bsz, 1)  # (B*K) x L, row-major: row b, candidate j at b*K + j
-    logits = model.decoder(prev.repeat(bsz, 1), encoder_out=encoder_out)[0]
+    logits = model.decoder(prev, encoder_out=encoder_out)[0]
+    positions = (starts.unsqueeze(1) + torch.arange(cands.size(1), device=src.device)).clamp(max=logits.size(1) - 1)
+    logits = logits.gather(1, positions.unsqueeze(-1).expand(-1, -1, logits.size(-1)))
     lprobs = torch.log_softmax(logits.float(), dim=-1)
-    token_scores = lprobs.gather(-1, targets.unsqueeze(-1)).squeeze(-1).masked_fill(targets.eq(pad), 0.0)
+    token_scores = lprobs.gather(-1, cands.unsqueeze(-1)).squeeze(-1).masked_fill(cands.eq(pad), 0.0)
     token_scores = token_scores.view(bsz, k, -1)
     scores = token_scores.sum(-1)
     return (scores, token_scores) if return_token_scores else scores
@@ -71,6 +78,10 @@ def attached_exits(generator):
 
 @dataclass
 class SnliVeConfig(VisionLanguageConfig):
+    decoder_prompt: bool = field(
+        default=False, metadata={"help": "the decoder reads the source text (bos + question, without eos) and "
+                                         "answers after it, as OFA's SNLI-VE recipe does (its --prompt-type "
+                                         "prev_output); without it the decoder starts from bos alone"})
     add_premise: bool = field(
         default=False, metadata={"help": "use OFA's premise prompt: can image and text1 \" P \" imply text2 \" H \"?"})
     # a negative flag: fairseq turns a bool field that defaults to True into a flag that sets it False
@@ -113,6 +124,7 @@ class SnliVeTask(VisionLanguageTask):
 
     def build_dataset(self, split, reader, is_train):
         return SnliVeDataset(split, reader, self.dict, self.tokenizer, add_premise=self.cfg.add_premise,
+                             decoder_prompt=self.cfg.decoder_prompt,
                              group_by_image=not self.cfg.no_group_by_image, **self.dataset_kwargs(is_train))
 
     # ---- validation ------------------------------------------------------------------------
@@ -121,7 +133,8 @@ class SnliVeTask(VisionLanguageTask):
         and the exit summary, ``mue_*``)."""
         loss, sample_size, logging_output = super().valid_step(sample, model, criterion)
         with torch.no_grad(), exit_session(model, self.cfg) as settings:
-            pred = score_candidates(model, sample, self.candidates).argmax(-1)
+            pred = score_candidates(model, sample, self.candidates,
+                                    decoder_prompt=self.cfg.decoder_prompt).argmax(-1)
         logging_output.update(self.exit_logging_output(model, settings.trace))
         logging_output["_snli_score_sum"] = int(pred.eq(sample["labels"]).sum().item())
         logging_output["_snli_cnt"] = int(pred.numel())
@@ -148,7 +161,8 @@ class SnliVeTask(VisionLanguageTask):
             raise NotImplementedError("mue_snli_ve scores answers with one model; ensembles are not supported")
         model = models[0]
         with torch.no_grad(), attached_exits(generator):
-            scores, token_scores = score_candidates(model, sample, self.candidates, return_token_scores=True)
+            scores, token_scores = score_candidates(model, sample, self.candidates, return_token_scores=True,
+                                                           decoder_prompt=self.cfg.decoder_prompt)
         best = scores.argmax(-1)
         hypos = []
         for i, j in enumerate(best.tolist()):

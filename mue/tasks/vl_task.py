@@ -4,7 +4,7 @@ What the base owns:
   * ``VisionLanguageConfig``: data location and format, text/image sizes, dictionary; it inherits the
     inference exit knobs from ``mue.exiting.config.ExitConfig`` (their one owner), validated at setup;
   * the options a checkpoint needs to be rebuilt (``REBUILD_DEFAULTS``: codes, bins, image size, lengths,
-    imitation heads; SNLI-VE's premise prompt): fairseq-generate takes them from the checkpoint unless
+    imitation heads; SNLI-VE's premise and decoder prompts): fairseq-generate takes them from the checkpoint unless
     given, and refuses a given value that contradicts it (``adopt_checkpoint_options``);
   * ``setup_task``: one dictionary for source and target (``build_ofa_dictionary``: OFA's dict.txt or the
     data's own), the GPT-2 BPE ``Tokenizer``, a check that the task's prompt and answers are in the dict;
@@ -109,9 +109,9 @@ class VisionLanguageConfig(ExitConfig):
 #: (``adopt_checkpoint_options``, called by mue.compat's patch ``checkpoint_task_options``).
 REBUILD_DEFAULTS = {"num_codes": 8192, "num_bins": 1000, "patch_image_size": 480, "max_src_length": 80,
                     "max_tgt_length": 20, "imitation_hidden": 0}
-#: on/off options of the same kind (SNLI-VE's premise prompt). Off is also what an absent flag gives, so
+#: on/off options of the same kind (SNLI-VE's premise prompt and decoder prompt). Off is also what an absent flag gives, so
 #: only "on" counts as given.
-REBUILD_FLAGS = ("add_premise",)
+REBUILD_FLAGS = ("add_premise", "decoder_prompt")
 COMMAND_LINE = "the command line"
 
 
