@@ -32,6 +32,7 @@ setup(
         "numpy>=1.24,<3",
         "matplotlib",
         "scipy",  # binomial tail of the calibration p-values (mue.evaluation.calibration)
+        "scikit-learn",  # the SNLI-VE wording-only control (mue.evaluation.wording_only); fairseq needs it too
     ],
     extras_require={"test": ["pytest", "pytest-timeout"]},
 )

@@ -431,6 +431,15 @@ class OfaSnliVeTsv(_OfaTsv):
             return "empty hypothesis"
         return None
 
+    def text_fields(self, i: int) -> Tuple[str, str, str]:
+        """Row ``i``'s (uniq_id, hypothesis, label), without decoding its image."""
+        fields = self.tsv.row(i)
+        problem = self._check_text(fields)
+        if problem:
+            raise DataError(f"{self.path}:{self.tsv.line_number(i)}: {problem}")
+        return (fields[self.cols["uniq_id"]], fields[self.cols["hypothesis"]].strip(),
+                fields[self.cols["label"]].strip())
+
     def __getitem__(self, i):
         fields, record = self._common(i)
         record["hypothesis"] = fields[self.cols["hypothesis"]].strip()
