@@ -88,14 +88,14 @@ SCST = ("--criterion", "mue_scst", "--scst-samples", "5", "--scst-beam", "--scst
 # drop-worst (it starts after 6,000 updates), validation beam 2; stage 2 at lr 1e-4 for one epoch. SNLI-VE
 # leaves out --decoder-prompt: on the scenes it changed nothing (valid 66.8 % with it after 4 and after 9
 # epochs, 67.2 % without, all answering from the wording) and the longer decoder input does not fit the
-# demo's budget.
+# demo's budget. SNLI-VE trains 3 epochs: its valid accuracy was flat from the second (65.8, 64.8, 67.2).
 RECIPES: Dict[str, Dict[str, Recipe]] = {
     "snli_ve": {
         # OFA's SNLI-VE runs feed the question to the decoder too (prompt type prev_output): --decoder-prompt
         "real": Recipe("mue_snli_ve", 5e-5, 5, 8, 64, (
             *MODELS["real"], *TEXT_LENGTHS, "--decoder-prompt", "--criterion", "mue", "--label-smoothing", "0.0",
             *_regularisation("0.1", "0.1"), *SNLI_VE_VALIDATION)),
-        "synthetic": Recipe("mue_snli_ve", 1e-3, 4, 32, None, (
+        "synthetic": Recipe("mue_snli_ve", 1e-3, 3, 32, None, (
             *MODELS["synthetic"], *TEXT_LENGTHS, "--criterion", "mue", "--label-smoothing", "0.0",
             *_regularisation("0.1", "0.0"), *SNLI_VE_VALIDATION), warmup_updates=50, decay_updates=100000),
     },

@@ -198,6 +198,21 @@ def test_synthetic_path_trains_three_runs_and_renders_the_tables(synthetic):
         assert (cfg.criterion._name, cfg.checkpoint.finetune_from_model) == ("mue_scst", stage1), suffix
     report = (out / "report.md").read_text()
     assert "## Caption stage 1 -> stage 2" in report
+    # SNLI-VE beside the wording-only control, fitted on the training pairs and scored on the same test pairs
+    control = json.load(open(out / "controls" / "snli_ve_wording_only.json"))
+    full_test = next(r for r in recs if (r["task"], r["split"], r["run"]) == ("snli_ve", "test", "full"))
+    assert control["n_test"] == full_test["n_examples"] and control["n_train"] == 3 * 8
+    assert "## SNLI-VE against the wording-only control (test)" in report and "Full model minus control" in report
+    # captioning's speed-ups timed again in one process (the demo leaves SNLI-VE's out): the full model first
+    timing = json.load(open(out / "timing" / "mue_caption.json"))
+    assert timing["labels"][0] == "full model" and timing["repeats"] == 2 and timing["n_examples"] == 4
+    first, *others = timing["settings"]
+    assert first["thresholds"] == {"img_thres": 1.0, "txt_thres": 1.0, "dec_thres": 1.0} and first["speedup"] == 1.0
+    for row in timing["settings"]:
+        assert len(row["seconds"]) == 2 and all(t > 0 for t in row["seconds"])
+        assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
+    assert not (out / "timing" / "mue_snli_ve.json").exists()
+    assert "## Wall-clock speed-ups, timed again" in report and "| full model | img 1, txt 1, dec 1 |" in report
     # MuE's model cut to K layers on test (--tiny: K = 1 and L - 1; K = L is the full model's record); the demo
     # leaves SNLI-VE's out (--no-forced-depth)
     forced = [json.load(open(p)) for p in glob.glob(str(out / "forced_depth" / "records" / "*.json"))]
@@ -249,4 +264,5 @@ def test_real_data_path_on_ofa_format_files(synthetic, tmp_path):
     forced = [json.load(open(p)) for p in glob.glob(str(tmp_path / "forced_depth" / "records" / "*.json"))]
     assert sorted(r["thresholds"]["exit_depth"] for r in forced) == [1, 5] and "## Forced depth" in report
     again = run_script(argv)
-    assert "fairseq-train" not in again and again.count("reusing") == 2
+    assert "fairseq-train" not in again and again.count("reusing") == 3  # the two stages and the timing
+    assert f"reusing {tmp_path / 'timing' / 'mue_caption.json'}" in again

@@ -12,7 +12,7 @@
 # 5 epochs, polynomial decay with 6 % warm-up, Adam (0.9, 0.999, 1e-8), weight decay 0.01, clip 1.0,
 # effective batch 64, dropout 0.1, drop-path 0.1, label smoothing 0, 480 px, max source 80, max target 20.
 # --synthetic: the recipe's CPU version (what `make demo` trains), mue_ofa_micro from scratch on a
-# synthetic benchmark (generated into DATA_DIR if missing), 64 px, lr 1e-3, 4 epochs, batch 32.
+# synthetic benchmark (generated into DATA_DIR if missing), 64 px, lr 1e-3, 3 epochs, batch 32.
 # Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, WARMUP_RATIO, SYN_NUM_* (see common.sh).
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 parse_args "$@"
