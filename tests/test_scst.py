@@ -195,6 +195,7 @@ def test_one_encoder_run_per_image_gives_the_per_row_logits_and_gradients(data, 
     """SCST encodes each image once and shares it among its k (+ 1) decoder rows (`encoder_rows`): without
     encoder dropout (the stage-2 recipes) the logits and gradients are those of encoding every row's copy."""
     task, cfg, _ = setup(data, "--dropout", "0.0")
+    torch.manual_seed(0)  # the weights must not depend on which tests ran before
     model = task.build_model(cfg.model).train()
     net = train_batch(task)["net_input"]
     order = torch.tensor([0, 0, 0, 1, 1, 1, 0, 1])  # 3 captions per image, then each image's ground truth
@@ -215,8 +216,16 @@ def test_one_encoder_run_per_image_gives_the_per_row_logits_and_gradients(data, 
     row_logits, row_grads = logits_and_grads(False)
     assert torch.allclose(shared_logits, row_logits, atol=1e-5)
     assert shared_grads.keys() == row_grads.keys() and any(n.startswith("encoder.layers") for n in row_grads)
-    for name, grad in row_grads.items():  # (sums in another order: compared relative to the gradient's size)
-        assert float((shared_grads[name] - grad).norm()) <= 1e-5 * float(grad.norm()) + 1e-7, name
+    # Sums in another order: compared relative to the gradient's size. The key biases' gradients are zero in
+    # exact arithmetic (softmax ignores a shift shared by a row's logits), so both paths hold rounding noise
+    # there, whose size follows the summands, not the result: those are checked to be noise-sized.
+    scale = max(float(g.norm()) for g in row_grads.values())
+    for name, grad in row_grads.items():
+        if float(grad.norm()) < 1e-6 * scale:
+            assert name.endswith(("k_proj.bias", "pos_k_linear.bias")), name  # only the key biases
+            assert float(shared_grads[name].norm()) < 1e-6 * scale, name
+        else:
+            assert float((shared_grads[name] - grad).norm()) <= 1e-5 * float(grad.norm()) + 1e-7, name
 
 
 def test_teacher_forced_log_probs_match_the_generator(data, one_thread, monkeypatch):
