@@ -35,8 +35,10 @@ def time_settings(checkpoint: str, data_tsv: str, settings: Sequence[Dict[str, f
     on the first ``max_examples`` examples of ``data_tsv`` (OFA TSV of the checkpoint's task), ``repeats``
     rounds. ``knobs``: exit knobs shared by every setting (e.g. the decaying decoder schedule);
     ``generation``: fairseq generation options (captioning default: the sweep's beam 5, 16 tokens, no
-    repeated 3-grams); ``device``: where the model runs. Returns {"task", "n_examples", "repeats", "settings": [{"thresholds", "seconds",
-    "median_s", "speedup", "speedup_low", "speedup_high"}]}."""
+    repeated 3-grams); ``device``: where the model runs. Returns {"task", "n_examples", "repeats",
+    "settings": [{"thresholds", "seconds", "median_s", "speedup", "speedup_low", "speedup_high"}], ...}."""
+    from fairseq import utils as fairseq_utils
+
     import mue
     from mue.data.readers import OfaCaptionTsv, OfaSnliVeTsv
 
@@ -44,8 +46,6 @@ def time_settings(checkpoint: str, data_tsv: str, settings: Sequence[Dict[str, f
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     if not settings:
         raise ValueError("no settings to time")
-    from fairseq import utils as fairseq_utils
-
     model = mue.load(checkpoint, device=device, **(knobs or {}))
     if len(model.tasks) != 1:
         raise ValueError(f"{checkpoint} answers {sorted(model.tasks)}: time a checkpoint fine-tuned for one task")
@@ -63,6 +63,7 @@ def time_settings(checkpoint: str, data_tsv: str, settings: Sequence[Dict[str, f
         batches.append(sample)
     options = {**CAPTION_OPTIONS, **(generation or {})} if kind == "caption" else dict(generation or {})
     base = vars_of(model.thresholds)  # the shared knobs; each setting overrides its thresholds
+
     def run(setting, samples) -> float:
         generator = model.generator(task, options, {**base, **setting})
         with torch.no_grad():
