@@ -331,12 +331,13 @@ CAPTION_KNOBS = {"dec_schedule": "decay", "dec_decay_beta": 0.95, "dec_decay_tau
                  "dec_decay_len": int(MAX_CAPTION_LEN)}
 
 
-def time_chosen_settings(args) -> None:
-    """Time MuE's final model again at the full setting and at the thresholds chosen on dev for each of
+def time_chosen_settings(args, ckpt: str) -> None:
+    """Time MuE's final model (``ckpt``) again at the full setting and at the thresholds chosen on dev for each of
     TIMED_TARGETS, in one process, --timed-repeats rounds (mue.benchmarks.timed_settings): the report's
     wall-clock speed-ups as medians with their spread (OUT/timing/{task}.json)."""
     from mue.benchmarks import timed_settings
     from mue.evaluation.records import NoSettingMeetsTarget, load_records, select_for_target
+    from mue.exiting.config import THRESHOLD_KNOBS
 
     path = os.path.join(args.out, "timing", f"{TASKS[args.task]}.json")
     if os.path.exists(path):
@@ -345,18 +346,16 @@ def time_chosen_settings(args) -> None:
     records = [r for r in load_records(os.path.join(args.out, "runs")) if r["task"] == args.task]
     dev = [r for r in records if r.get("split") == args.dev_split]
     test = [r for r in records if r.get("split") == args.test_split]
-    settings, labels = [dict(zip(("img_thres", "txt_thres", "dec_thres"), FULL))], ["full model"]
+    settings, labels = [dict(zip(THRESHOLD_KNOBS, FULL))], ["full model"]
     for target in TIMED_TARGETS:
         try:
             th = select_for_target(dev, test, args.task, target)["test_record"]["thresholds"]
         except NoSettingMeetsTarget:
             continue
-        setting = {k: th[k] for k in ("img_thres", "txt_thres", "dec_thres")}
+        setting = {k: th[k] for k in THRESHOLD_KNOBS}
         if setting not in settings:
             settings.append(setting)
             labels.append(f"MuE, chosen on dev for {100 * target:g} %")
-    ckpt = os.path.join(args.out, "checkpoints", f"{TASKS[args.task]}_{RUNS['mue'][0]}",
-                        "checkpoint_last.pt" if args.synthetic else "checkpoint_best.pt")
     result = timed_settings.time_settings(
         ckpt, os.path.join(task_data(args), f"{args.test_split}.tsv"), settings, args.timed_repeats,
         args.timed_examples, args.eval_batch_size, CAPTION_KNOBS if args.task == "caption" else None,
@@ -440,7 +439,7 @@ def run_task(args, extra: Sequence[str] = (), progress: Progress = None) -> None
     if args.task == "snli_ve":
         wording_only_control(args)
     if args.timed_repeats:
-        time_chosen_settings(args)
+        time_chosen_settings(args, ckpts["mue"][-1])
 
 
 # ------------------------------------------------------------------------------------------ command line

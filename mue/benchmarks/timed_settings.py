@@ -25,7 +25,6 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 SECTION_TITLE = "Wall-clock speed-ups, timed again (median of repeated rounds)"
-CAPTION_OPTIONS = {"beam": 5, "max_len_b": 16, "no_repeat_ngram_size": 3}  # as the sweep's caption generation
 
 
 def time_settings(checkpoint: str, data_tsv: str, settings: Sequence[Dict[str, float]], repeats: int = 3,
@@ -40,6 +39,7 @@ def time_settings(checkpoint: str, data_tsv: str, settings: Sequence[Dict[str, f
     from fairseq import utils as fairseq_utils
 
     import mue
+    from mue.api.model import CAPTION_DEFAULTS
     from mue.data.readers import OfaCaptionTsv, OfaSnliVeTsv
 
     if repeats < 1:
@@ -61,7 +61,7 @@ def time_settings(checkpoint: str, data_tsv: str, settings: Sequence[Dict[str, f
         if model.device.type != "cpu":
             sample = fairseq_utils.apply_to_sample(lambda t: t.to(model.device), sample)
         batches.append(sample)
-    options = {**CAPTION_OPTIONS, **(generation or {})} if kind == "caption" else dict(generation or {})
+    options = {**CAPTION_DEFAULTS, **(generation or {})} if kind == "caption" else dict(generation or {})
     base = vars_of(model.thresholds)  # the shared knobs; each setting overrides its thresholds
 
     def run(setting, samples) -> float:
@@ -132,13 +132,14 @@ def section(timing_dir: str) -> Dict[str, str]:
 
 
 def parse_setting(text: str) -> Dict[str, float]:
-    """"0.99,0.95,0.9" -> the image, text and decoder thresholds."""
+    """"0.99,0.95,0.9" -> the image, text and decoder thresholds (mue.evaluation.sweep's parser)."""
+    from mue.evaluation import sweep
+    from mue.exiting.config import THRESHOLD_KNOBS
+
     try:
-        img, txt, dec = (float(v) for v in text.split(","))
+        return dict(zip(THRESHOLD_KNOBS, sweep.parse_setting(text)))
     except ValueError as err:
-        raise argparse.ArgumentTypeError(f"a setting is three comma-separated thresholds IMG,TXT,DEC, got {text!r}") \
-            from err
-    return {"img_thres": img, "txt_thres": txt, "dec_thres": dec}
+        raise argparse.ArgumentTypeError(str(err)) from err
 
 
 def parse_knob(text: str):
