@@ -3,6 +3,7 @@ decoder's cached decode equal to its parallel recomputation under every rule, ex
 their cost counted, the imitation heads' training and checkpoint rules, OFA-Tiny accounting against a
 larger reference, and scripts/compare_baselines.py --tiny end to end."""
 import copy
+import json
 import math
 import os
 import subprocess
@@ -531,3 +532,45 @@ def test_comparison_table_says_who_is_ahead_by_each_criterion():
     assert cell[("patience (PABEE)", ">= 96%")][verdict] == "MuE / MuE / tie"
     assert cb._verdict("speedup", 1.25, 1.28) == "tie" and cb._verdict("etr", 0.5, 0.5) == "tie"
     assert cb._verdict("flops_reduction", None, 0.2) == "n/a"
+
+
+def test_exit_rule_points_sweep_each_rule_by_its_own_knob():
+    """The baselines that need no training: each point sets its rule and only that rule's knob, from
+    saving little to saving much; the reproduction's shorter sweep lies inside the full one."""
+    cb = _compare_main()
+    for grid in cb.KNOBS:
+        points = cb.exit_rule_points(grid)
+        assert list(points) == [cb.ENTROPY, cb.PATIENCE]
+        entropies = [float(p[p.index("--exit-entropy") + 1]) for p in points[cb.ENTROPY]]
+        patiences = [int(p[p.index("--exit-patience") + 1]) for p in points[cb.PATIENCE]]
+        assert all(p[:2] == ["--exit-policy", "entropy"] and "--exit-patience" not in p for p in points[cb.ENTROPY])
+        assert all(p[:2] == ["--exit-policy", "patience"] and "--exit-entropy" not in p for p in points[cb.PATIENCE])
+        assert entropies == sorted(entropies) and patiences == sorted(patiences, reverse=True), grid
+        assert len(set(entropies)) == len(entropies) >= 2 and len(set(patiences)) == len(patiences) >= 2
+    assert set(cb.KNOBS["short"]["entropy"]) <= set(cb.KNOBS["full"]["entropy"])
+    assert set(cb.KNOBS["short"]["patience"]) <= set(cb.KNOBS["full"]["patience"])
+
+
+def test_report_section_compares_mue_with_the_baselines_per_task(tmp_path):
+    """The reproduction's report section: MuE's and the full model's sweep records (other runs and other
+    splits left out) against the baselines' records of the same task; nothing without baseline records."""
+    from test_report import parse_table, rec
+
+    cb = _compare_main()
+    folder = tmp_path / "baselines"
+    assert cb.section(str(folder), []) == {}
+    folder.mkdir()
+    for i, r in enumerate([rec(cb.ENTROPY, q=0.995, etr=0.2, wall=9.0), rec(cb.PATIENCE, q=0.9, etr=0.4, wall=8.0),
+                           rec(cb.PATIENCE, q=0.97, etr=0.5, split="valid")]):
+        (folder / f"{i}.json").write_text(json.dumps(r))
+    runs = [rec("full", q=1.0, wall=10.0), rec("mue", 0.9, 0.9, 0.9, q=0.992, etr=0.45, wall=6.0),
+            rec("w/o layer-wise loss", 0.9, 0.9, 0.9, q=0.999, etr=0.9, wall=1.0), rec("full", q=2.0, split="valid")]
+    (title, body), = cb.section(str(folder), runs).items()
+    assert title == cb.SECTION_TITLE and "### caption" in body and "### snli_ve" not in body
+    cell = {(r["method"], r["kept CIDEr"]): r for r in parse_table(body, "method")}
+    assert {m for m, _ in cell} == {"mue", cb.ENTROPY, cb.PATIENCE}  # the ablation is not a baseline
+    assert cell[("mue", ">= 99%")]["time red. (%)"] == "45.0"
+    assert cell[(cb.ENTROPY, ">= 99%")]["time red. (%)"] == "20.0"
+    assert cell[(cb.ENTROPY, ">= 99%")]["ahead: time red. / FLOPs / speedup"].startswith("MuE / n/a / MuE")
+    assert cell[(cb.PATIENCE, ">= 90%")]["time red. (%)"] == "40.0"  # its valid record is not among them
+    assert cb.section(str(folder), [r for r in runs if r["run"] != "full"]) == {}  # no full model: no table

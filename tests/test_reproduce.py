@@ -212,6 +212,14 @@ def test_synthetic_path_trains_three_runs_and_renders_the_tables(synthetic):
         assert len(row["seconds"]) == 2 and all(t > 0 for t in row["seconds"])
         assert row["speedup_low"] <= row["speedup"] <= row["speedup_high"]
     assert not (out / "timing" / "mue_snli_ve.json").exists()
+    # the decoder-exit baselines on MuE's caption model, on test (the demo leaves SNLI-VE's out), in the report
+    baselines = [json.load(open(p)) for p in glob.glob(str(out / "baselines" / "records" / "*.json"))]
+    assert sorted((r["task"], r["split"], r["thresholds"]["exit_policy"]) for r in baselines) == [
+        ("caption", "test", "entropy")] * 2 + [("caption", "test", "patience")] * 2
+    assert {r["run"] for r in baselines} == {"entropy (DeeBERT)", "patience (PABEE)"}
+    assert all(r["thresholds"]["img_thres"] == r["thresholds"]["txt_thres"] == 1.0 for r in baselines)
+    section = report[report.index("## MuE against decoder-exit baselines (test)"):]
+    assert "### caption" in section and "| patience (PABEE) | >= 99% |" in section and "### snli_ve" not in section
     assert "## Wall-clock speed-ups, timed again" in report and "| full model | img 1, txt 1, dec 1 |" in report
     # MuE's model cut to K layers on test (--tiny: K = 1 and L - 1; K = L is the full model's record); the demo
     # leaves SNLI-VE's out (--no-forced-depth)
@@ -263,6 +271,8 @@ def test_real_data_path_on_ofa_format_files(synthetic, tmp_path):
     assert "## Caption stage 1 -> stage 2" in report and "| mue | full model |" in report
     forced = [json.load(open(p)) for p in glob.glob(str(tmp_path / "forced_depth" / "records" / "*.json"))]
     assert sorted(r["thresholds"]["exit_depth"] for r in forced) == [1, 5] and "## Forced depth" in report
+    baselines = [json.load(open(p)) for p in glob.glob(str(tmp_path / "baselines" / "records" / "*.json"))]
+    assert len(baselines) == 4 and "## MuE against decoder-exit baselines (test)" in report
     again = run_script(argv)
     assert "fairseq-train" not in again and again.count("reusing") == 3  # the two stages and the timing
     assert f"reusing {tmp_path / 'timing' / 'mue_caption.json'}" in again

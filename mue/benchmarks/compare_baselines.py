@@ -46,26 +46,39 @@ MUE, FULL = "mue", "full"
 LEVELS = (0.99, 0.96, 0.9)
 
 
+ENTROPY, PATIENCE, IMITATION = "entropy (DeeBERT)", "patience (PABEE)", "imitation (DeeCap)"
+# Each rule's knob, from saving little to saving much: an entropy bound in nats, a patience in layers
+KNOBS = {"full": {"entropy": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], "patience": [4, 3, 2, 1]},
+         # the reproduction's (the demo's) shorter sweep
+         "short": {"entropy": [0.25, 0.5, 1.0, 2.0], "patience": [3, 2, 1]},
+         "tiny": {"entropy": [1.0, 4.0], "patience": [2, 1]}}
+
+
+def exit_rule_points(grid: str = "full") -> Dict[str, List[List[str]]]:
+    """The decoder-exit baselines that need no training of their own, run name -> each point's
+    fairseq-generate arguments (the rule's knob over KNOBS[grid]); they run on MuE's model at thresholds
+    1.0, so the encoder runs in full."""
+    knobs = KNOBS[grid]
+    return {ENTROPY: [["--exit-policy", "entropy", "--exit-entropy", f"{s:g}"] for s in knobs["entropy"]],
+            PATIENCE: [["--exit-policy", "patience", "--exit-patience", str(p)] for p in knobs["patience"]]}
+
+
 def plan(tiny: bool, reference_arch: str = "mue_ofa_micro") -> Dict[str, dict]:
     """Run name -> checkpoint, threshold settings and per-point args (each method's own knob)."""
     if tiny:
         mue_settings, dec_only = [(1.0, 1.0, 1.0), (0.9, 0.9, 0.9)], []
-        entropies, patiences = [1.0, 4.0], [1, 2]
     else:
         mue_settings = [(1.0, 1.0, 1.0), (0.995, 0.995, 0.99), (0.99, 0.99, 0.98), (0.98, 0.98, 0.95),
                         (0.97, 0.97, 0.93), (0.96, 0.96, 0.92), (0.95, 0.95, 0.9), (0.9, 0.9, 0.85),
                         (0.8, 0.8, 0.75)]
         dec_only = [(1.0, 1.0, t) for t in (0.99, 0.98, 0.95, 0.9, 0.85, 0.75)]
-        entropies, patiences = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], [4, 3, 2, 1]
+    entropies = KNOBS["tiny" if tiny else "full"]["entropy"]
     runs = {
         MUE: {"checkpoint": "mue", "settings": mue_settings, "points": [[]]},
-        "entropy (DeeBERT)": {"checkpoint": "mue", "settings": [(1.0, 1.0, 1.0)],
-                              "points": [["--exit-policy", "entropy", "--exit-entropy", f"{s:g}"] for s in entropies]},
-        "patience (PABEE)": {"checkpoint": "mue", "settings": [(1.0, 1.0, 1.0)],
-                             "points": [["--exit-policy", "patience", "--exit-patience", str(p)] for p in patiences]},
-        "imitation (DeeCap)": {"checkpoint": "imitation", "settings": [(1.0, 1.0, 1.0)],
-                               "points": [["--exit-policy", "imitation", "--exit-entropy", f"{s:g}"]
-                                          for s in entropies]},
+        **{run: {"checkpoint": "mue", "settings": [(1.0, 1.0, 1.0)], "points": points}
+           for run, points in exit_rule_points("tiny" if tiny else "full").items()},
+        IMITATION: {"checkpoint": "imitation", "settings": [(1.0, 1.0, 1.0)],
+                    "points": [["--exit-policy", "imitation", "--exit-entropy", f"{s:g}"] for s in entropies]},
         "OFA-Tiny": {"checkpoint": "ofa_tiny", "settings": [(1.0, 1.0, 1.0)],
                      "points": [["--reference-arch", reference_arch]]},
     }
@@ -265,6 +278,34 @@ def comparison_table(records: Sequence[dict], task: str = "caption", levels: Seq
                  "timing noise alone moves speedups that much)")
     lines.append(note + ".")
     return "\n".join(lines)
+
+
+SECTION_TITLE = "MuE against decoder-exit baselines (test)"
+
+
+def section(records_dir: str, runs: Sequence[dict], split: str = "test") -> Dict[str, str]:
+    """{title: markdown} for ``render_report``'s extra sections: per task with baseline records in
+    ``records_dir``, the comparison table of MuE's and the full model's sweep records among ``runs`` with
+    the baselines'; empty when there are none."""
+    from mue.evaluation.records import load_records
+
+    if not os.path.isdir(records_dir):
+        return {}
+    theirs = [r for r in load_records(records_dir) if r.get("split") == split]
+    parts = []
+    for task in sorted({r["task"] for r in theirs}):
+        ours = [r for r in runs if r.get("split") == split and r["task"] == task and r["run"] in (MUE, FULL)]
+        if any(r["run"] == FULL for r in ours):  # the full model: every share is of its quality
+            parts += [f"### {task}", comparison_table(ours + [r for r in theirs if r["task"] == task], task)]
+    if not parts:
+        return {}
+    intro = ("DeeBERT's entropy rule and PABEE's patience rule exit the decoder of MuE's own final model (the "
+             "encoder runs in full), each swept over its own knob; MuE exits by its cosine thresholds in both "
+             "encoder streams and the decoder. Each method is shown at its best setting on the test split for "
+             "each kept share of the full model's quality: the same after-the-fact choice for every method. "
+             "The imitation heads (DeeCap) and a smaller model (OFA-Tiny) need training runs of their own: "
+             "`python -m mue.benchmarks.compare_baselines` adds them.")
+    return {SECTION_TITLE: "\n\n".join([intro, *parts])}
 
 
 def main(argv=None) -> int:

@@ -12,7 +12,8 @@ The logic of scripts/reproduce.py (and of the demo's runs, mue.benchmarks.demo).
   3. evaluate  threshold sweeps with mue.evaluation.sweep (in-process fairseq-generate) on dev and test;
                one JSON record per setting in OUT/runs; MuE's model cut to K = 1..L-1 layers on test
                (--exit-depth K; OUT/forced_depth, off with --no-forced-depth); caption stage 1 on test
-               against stage 2 (OUT/stages)
+               against stage 2 (OUT/stages); the decoder-exit baselines DeeBERT (entropy) and PABEE
+               (patience) on MuE's model on test (OUT/baselines, off with --no-baselines)
   4. report    OUT/report.md (mue.evaluation.report) and OUT/paper_tables.md with Tables 1-4 and the
                figures (mue.evaluation.paper_tables); Table 1 is printed at the end
 
@@ -325,6 +326,22 @@ def compare_first_stage(args, stage1_ckpt: str, generate_extra: Sequence[str]) -
               f"{c['diff']:+.1f} [{c['low']:+.1f}, {c['high']:+.1f}]")
 
 
+def evaluate_baselines(args, ckpt: str, generate_extra: Sequence[str]) -> None:
+    """The decoder-exit baselines that need no training (DeeBERT's entropy rule, PABEE's patience rule;
+    mue.benchmarks.compare_baselines) on MuE's final model, each over its own knob, on the test split:
+    records in OUT/baselines/records, the report's comparison section."""
+    from mue.benchmarks.compare_baselines import exit_rule_points
+    from mue.evaluation.sweep import sweep
+
+    for run, points in exit_rule_points("tiny" if args.tiny else "short").items():
+        sweep(task_data(args), TASKS[args.task], ckpt, baselines_path(args.out), [FULL], (args.test_split,),
+              run=run, full_run=None, extra_args=generate_args(args, generate_extra), point_args=points)
+
+
+def baselines_path(out: str) -> str:
+    return os.path.join(out, "baselines", "records")
+
+
 TIMED_TARGETS = (0.99, 0.96)  # the report's dev-chosen settings (render's targets), timed again
 # the decaying decoder threshold of CAPTION_GENERATION, as exit knobs
 CAPTION_KNOBS = {"dec_schedule": "decay", "dec_decay_beta": 0.95, "dec_decay_tau": 1.0,
@@ -389,7 +406,7 @@ def render(out: str, title: str, dev_split: str = "valid", test_split: str = "te
     from mue.evaluation.records import load_records
     from mue.evaluation.report import render_report
 
-    from mue.benchmarks import timed_settings
+    from mue.benchmarks import compare_baselines, timed_settings
     from mue.evaluation import forced_depth, stage_comparison, wording_only
 
     records = load_records(os.path.join(out, "runs"))
@@ -398,6 +415,7 @@ def render(out: str, title: str, dev_split: str = "valid", test_split: str = "te
     sections = {**forced_depth.section(os.path.join(out, "forced_depth", "records"), test, test_split),
                 **stage_comparison.section(os.path.join(out, "stages")),
                 **wording_only.section(control_path(out), test),
+                **compare_baselines.section(baselines_path(out), test, test_split),
                 **timed_settings.section(os.path.join(out, "timing"))}
     render_report(test, out, title, dev_records=dev, targets=(0.99, 0.96), extra_sections=sections)
     return paper_tables.render_paper_tables(dev, test, out, title)
@@ -436,6 +454,8 @@ def run_task(args, extra: Sequence[str] = (), progress: Progress = None) -> None
         evaluate_forced_depth(args, ckpts["mue"][-1], generate_extra)
     if len(ckpts["mue"]) > 1:
         compare_first_stage(args, ckpts["mue"][0], generate_extra)
+    if args.baselines:
+        evaluate_baselines(args, ckpts["mue"][-1], generate_extra)
     if args.task == "snli_ve":
         wording_only_control(args)
     if args.timed_repeats:
@@ -473,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch-size", type=int, default=50)
     p.add_argument("--forced-depth", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate MuE's model cut to K = 1..L-1 layers on test (the report's forced-depth table)")
+    p.add_argument("--baselines", action=argparse.BooleanOptionalAction, default=True,
+                   help="run the decoder-exit baselines DeeBERT (entropy) and PABEE (patience) on MuE's model, on "
+                        "test (the report's comparison section)")
     p.add_argument("--timed-repeats", type=int, default=3,
                    help="time MuE's model again at the full and the dev-chosen settings, this many rounds in one "
                         "process (the report's median speed-ups; 0: off)")
@@ -536,7 +559,7 @@ def clear_task_outputs(args) -> None:
     if os.path.exists(timing):
         os.remove(timing)
     records = [os.path.join(args.out, "runs"), os.path.join(args.out, "forced_depth", "records"),
-               os.path.join(args.out, "stages", "records"), os.path.join(args.out, "stages")]
+               os.path.join(args.out, "stages", "records"), os.path.join(args.out, "stages"), baselines_path(args.out)]
     for folder in records + [os.path.join(r, "generate") for r in records]:
         if os.path.isdir(folder):
             for name in os.listdir(folder):
