@@ -90,8 +90,7 @@ def caption_checkpoint(args) -> str:
     """The caption model SNLI-VE starts from: the final model (after both caption stages) of the run
     trained without the layer-wise loss if the demo trains it, else MuE's."""
     run = PRETRAINED_RUN if PRETRAINED_RUN in (args.runs or DEMO["runs"]["caption"]) else "mue"
-    return os.path.join(args.out, "checkpoints", f"{reproduce.TASKS['caption']}_{reproduce.RUNS[run][0]}",
-                        "checkpoint_last.pt")
+    return os.path.join(reproduce.run_folder(args.out, "caption", run), "checkpoint_last.pt")
 
 
 def main(argv=None, root: str = "."):

@@ -44,6 +44,7 @@ from typing import List, Sequence, Tuple
 from mue import recipes
 from mue.benchmarks import child_env
 from mue.benchmarks.progress import Progress
+from mue.exiting.config import option
 from mue.recipes import Recipe
 
 PLUGIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this mue package: fairseq's --user-dir
@@ -84,11 +85,12 @@ SWEEPS = {
     "tiny": {"mue": [FULL, (0.9, 0.9, 0.9)], "ablation": [FULL, (0.9, 0.9, 0.9)]},
 }
 # Caption generation as in the reference runs, with the paper's decaying decoder threshold: theta from the
-# setting, beta 0.95, tau 1, decaying over N = the longest caption generated (max_len_b).
-MAX_CAPTION_LEN = "16"
-CAPTION_GENERATION = ["--beam", "5", "--max-len-b", MAX_CAPTION_LEN, "--no-repeat-ngram-size", "3",
-                      "--dec-schedule", "decay", "--dec-decay-beta", "0.95", "--dec-decay-tau", "1.0",
-                      "--dec-decay-len", MAX_CAPTION_LEN]
+# setting, beta 0.95, tau 1, decaying over N = the longest caption generated (max_len_b). CAPTION_KNOBS are
+# its exit knobs (what the timed repeats take), CAPTION_GENERATION its fairseq-generate options.
+MAX_CAPTION_LEN = 16
+CAPTION_KNOBS = {"dec_schedule": "decay", "dec_decay_beta": 0.95, "dec_decay_tau": 1.0, "dec_decay_len": MAX_CAPTION_LEN}
+CAPTION_GENERATION = ["--beam", "5", "--max-len-b", str(MAX_CAPTION_LEN), "--no-repeat-ngram-size", "3",
+                      *[token for knob, value in CAPTION_KNOBS.items() for token in (option(knob), str(value))]]
 
 
 # ------------------------------------------------------------------------------------------ recipes
@@ -191,19 +193,23 @@ def task_data(args) -> str:
     return os.path.join(args.data, args.task) if args.synthetic else args.data
 
 
+def run_folder(out: str, task: str, run: str, stage: str = None) -> str:
+    """Where a run saves its checkpoints: OUT/checkpoints/TASK_RUN for its last stage, TASK_RUN_STAGE for an
+    earlier one (e.g. mue_caption_mue_stage1, then mue_caption_mue)."""
+    name = f"{TASKS[task]}_{RUNS[run][0]}" + (f"_{stage}" if stage else "")
+    return os.path.join(out, "checkpoints", name)
+
+
 def train_run(args, run: str, extra: Sequence[str]) -> List[str]:
     """Train one run (all its stages, each skipped when done); return each stage's checkpoint, the last
-    being the one to evaluate. The last stage saves into the run's folder (OUT/checkpoints/TASK_RUN), earlier
-    ones into TASK_RUN_STAGE (caption: mue_caption_mue_stage1, then mue_caption_mue)."""
-    fairseq_task = TASKS[args.task]
-    suffix, run_options = RUNS[run]
+    being the one to evaluate (each in its run_folder)."""
+    run_options = RUNS[run][1]
     run_stages = stages(args.task, args)
     data = task_data(args)
     init = args.ofa_checkpoint
     ckpts = []
     for i, st in enumerate(run_stages):
-        name = f"{fairseq_task}_{suffix}" + (f"_{st.name}" if i < len(run_stages) - 1 else "")
-        save_dir = os.path.join(args.out, "checkpoints", name)
+        save_dir = run_folder(args.out, args.task, run, st.name if i < len(run_stages) - 1 else None)
         ckpt = os.path.join(save_dir, "checkpoint_last.pt" if args.synthetic else "checkpoint_best.pt")
         done = os.path.join(save_dir, "done")
         ckpts.append(ckpt)
@@ -343,9 +349,6 @@ def baselines_path(out: str) -> str:
 
 
 TIMED_TARGETS = (0.99, 0.96)  # the report's dev-chosen settings (render's targets), timed again
-# the decaying decoder threshold of CAPTION_GENERATION, as exit knobs
-CAPTION_KNOBS = {"dec_schedule": "decay", "dec_decay_beta": 0.95, "dec_decay_tau": 1.0,
-                 "dec_decay_len": int(MAX_CAPTION_LEN)}
 
 
 def time_chosen_settings(args, ckpt: str) -> None:
