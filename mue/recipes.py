@@ -138,6 +138,16 @@ def with_option(options: Sequence[str], flag: str, value: str) -> List[str]:
     return options
 
 
+def without_option(options: Sequence[str], flag: str) -> List[str]:
+    """``options`` without ``flag`` and its value (the flag must be there): for a run whose loss has no use
+    for it (e.g. --label-smoothing under another criterion)."""
+    options = list(options)
+    if flag not in options:
+        raise KeyError(f"{flag} is not an option of this recipe")
+    i = options.index(flag)
+    return options[:i] + options[i + 2:]
+
+
 def shell_assignments(name: str, synthetic: bool, pretrained: bool, overrides: Sequence[Tuple[str, str]] = ()) -> str:
     """Bash assignments of a recipe, for scripts/train/*.sh: RECIPE_{LR,EPOCHS,BATCH_SIZE,EFFECTIVE_BATCH,
     WARMUP_RATIO,WARMUP_UPDATES,DECAY_UPDATES} (empty when unset) and the array RECIPE_ARGS."""

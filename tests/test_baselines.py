@@ -574,3 +574,47 @@ def test_report_section_compares_mue_with_the_baselines_per_task(tmp_path):
     assert cell[(cb.ENTROPY, ">= 99%")]["ahead: time red. / FLOPs / speedup"].startswith("MuE / n/a / MuE")
     assert cell[(cb.PATIENCE, ">= 90%")]["time red. (%)"] == "40.0"  # its valid record is not among them
     assert cb.section(str(folder), [r for r in runs if r["run"] != "full"]) == {}  # no full model: no table
+
+
+@pytest.mark.parametrize("task", ["caption", "snli_ve"])
+def test_training_runs_read_the_synthetic_recipes(tmp_path, monkeypatch, task):
+    """compare_baselines trains with the recipe table (mue/recipes.py), not hyper-parameters of its own:
+    MuE with the task's synthetic recipe, the imitation heads with its criterion swapped in (and the option
+    that criterion lacks left out), OFA-Tiny with only the arch replaced; SNLI-VE first trains caption
+    models of both archs to start from."""
+    from mue import recipes
+
+    cb = _compare_main()
+    for sub in ("caption", "snli_ve"):
+        (tmp_path / "data" / sub).mkdir(parents=True)
+        (tmp_path / "data" / sub / "train.tsv").write_text("row\n" * 10)
+    calls = {}
+    monkeypatch.setattr(cb, "fairseq_train", lambda argv: calls.setdefault(argv[argv.index("--save-dir") + 1], argv))
+    cb.train_models(str(tmp_path / "data"), str(tmp_path / "ck"), cb.sizes(False), task, log=lambda *a: None)
+    argv = {os.path.basename(k): v for k, v in calls.items()}
+    assert list(argv) == (["pretrain_micro", "pretrain_nano"] if task == "snli_ve" else []) + ["mue", "imitation",
+                                                                                                 "ofa_tiny"]
+
+    def value(name, flag):
+        assert argv[name].count(flag) == 1, (name, flag)
+        return argv[name][argv[name].index(flag) + 1]
+
+    r = recipes.recipe(cb.RECIPE_OF[task], synthetic=True)
+    recipe_options = r.train_options(pretrained=False)
+    mue = argv["mue"]
+    assert mue[0] == str(tmp_path / "data" / task) and value("mue", "--lr") == str(r.lr)
+    assert value("mue", "--max-epoch") == str(r.epochs) and "--max-update" not in mue
+    for flag in ("--criterion", "--label-smoothing", "--lr-scheduler", "--weight-decay", "--clip-norm", "--dropout",
+                 "--arch"):
+        assert value("mue", flag) == recipe_options[recipe_options.index(flag) + 1], flag
+    assert value("imitation", "--criterion") == "mue_imitation" and "--label-smoothing" not in argv["imitation"]
+    assert value("imitation", "--max-update") == "300" and value("imitation", "--restore-file").endswith(
+        os.path.join("ck", "mue", "checkpoint_last.pt"))
+    assert value("ofa_tiny", "--arch") == "mue_ofa_nano" and value("ofa_tiny", "--encoder-mode") == "joint"
+    assert "--last-layer-only" in argv["ofa_tiny"] and "--last-layer-only" not in mue
+    if task == "snli_ve":
+        caption = recipes.recipe("caption_stage1", synthetic=True)
+        assert value("pretrain_micro", "--lr") == str(caption.lr) and "--last-layer-only" in argv["pretrain_micro"]
+        assert value("pretrain_nano", "--arch") == "mue_ofa_nano"
+        assert value("mue", "--finetune-from-model").endswith(os.path.join("pretrain_micro", "checkpoint_last.pt"))
+        assert value("ofa_tiny", "--finetune-from-model").endswith(os.path.join("pretrain_nano", "checkpoint_last.pt"))

@@ -135,3 +135,13 @@ def test_shell_form_round_trips_through_bash():
 def test_bad_requests_are_refused(argv, message):
     out = run_module(*argv)
     assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+def test_without_option_removes_a_flag_and_its_value_and_refuses_a_missing_one():
+    options = recipes.recipe("caption_stage1", synthetic=True).train_options(pretrained=False)
+    kept = recipes.without_option(options, "--label-smoothing")
+    assert len(kept) == len(options) - 2 and "--label-smoothing" not in kept
+    i = options.index("--label-smoothing")
+    assert kept == options[:i] + options[i + 2:]
+    with pytest.raises(KeyError, match="--scst-samples"):
+        recipes.without_option(options, "--scst-samples")

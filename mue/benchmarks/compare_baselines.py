@@ -20,7 +20,7 @@ differ only in the exit rule. Nothing is tuned per method beyond sweeping its ow
 
 CKPT_DIR holds mue/checkpoint_last.pt (backbone), imitation/checkpoint_last.pt and
 ofa_tiny/checkpoint_last.pt; --train writes them to OUT/checkpoints with fairseq-train's entry point
-(in this process), on the synthetic benchmark. On real data (--task-data: the task's fairseq data
+(in this process), on the synthetic benchmark, each with the task's synthetic recipe (mue/recipes.py). On real data (--task-data: the task's fairseq data
 directory, e.g. OFA's COCO or SNLI-VE files) train them with scripts/train/*.sh: the MuE model, the
 imitation heads on it (--criterion mue_imitation --exit-policy imitation --restore-file MUE_CKPT
 --reset-optimizer, backbone frozen), and mue_ofa_tiny fine-tuned with --last-layer-only; then compare
@@ -37,7 +37,7 @@ import os
 import shlex
 import shutil
 import sys
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 PLUGIN = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # this mue package: fairseq's --user-dir
 
@@ -87,15 +87,13 @@ def plan(tiny: bool, reference_arch: str = "mue_ofa_micro") -> Dict[str, dict]:
     return runs
 
 
-def sizes(tiny: bool, task: str = "caption") -> dict:
+def sizes(tiny: bool) -> dict:
+    """Data and run sizes. Training otherwise follows the synthetic recipes (mue/recipes.py): the caption
+    stage-1 and SNLI-VE recipes' epochs, batch and learning rates, as in the demo (without its caption stage 2)."""
     if tiny:
         return {"train": 8, "valid": 4, "test": 4, "image": 32, "updates": 2, "imitation_updates": 3, "batch": 4}
-    # The demo's recipe (scripts/demo.py): 1000 training images, batch 32, 4 epochs of captions (5 per
-    # image) or 6 of SNLI-VE (3 hypotheses per image). Longer training on fewer images over-fitted the
-    # deep layers: their CIDEr fell below that of the model's own first layers. 256 validation images:
-    # with 64, CIDEr moved by several % between neighbouring settings.
-    updates = {"caption": 4 * 5000 // 32, "snli_ve": 6 * 3000 // 32}[task]
-    return {"train": 1000, "valid": 256, "test": 64, "image": 64, "updates": updates, "imitation_updates": 300,
+    # 256 validation images: with 64, CIDEr moved by several % between neighbouring settings
+    return {"train": 1000, "valid": 256, "test": 64, "image": 64, "updates": None, "imitation_updates": 300,
             "batch": 32}
 
 
@@ -120,39 +118,56 @@ def fairseq_train(argv: Sequence[str]) -> None:
     train.main(convert_namespace_to_omegaconf(options.parse_args_and_arch(options.get_training_parser(), list(argv))))
 
 
-def train_models(data_root: str, ckpt_dir: str, size: dict, task: str = "caption", tiny: bool = False,
-                 log=print) -> None:
-    """The MuE backbone, its imitation heads (backbone frozen) and the OFA-Tiny baseline, via fairseq-train.
+RECIPE_OF = {"caption": "caption_stage1", "snli_ve": "snli_ve"}  # the synthetic recipe each task trains with
+NANO = (("--arch", "mue_ofa_nano"),)  # OFA-Tiny's arch in place of the recipe's
+NANO_OPTIONS = ["--encoder-mode", "joint", "--last-layer-only"]  # ...trained as vanilla OFA: joint, plain loss
+
+
+def recipe_argv(data_root: str, on_task: str, size: dict, updates: Optional[int] = None,
+                overrides: Sequence[Tuple[str, str]] = (), drop: Sequence[str] = (), extra: Sequence[str] = ()) -> List[str]:
+    """fairseq-train arguments of one run on ``on_task``: its synthetic recipe (model, loss, optimiser,
+    learning-rate schedule, epochs) at this harness's image size and batch, with ``overrides`` replacing
+    recipe values, ``drop`` removing recipe options and ``extra`` appended; ``updates``: stop after that many
+    updates instead of the recipe's epochs."""
+    from mue import recipes
+    from mue.benchmarks.reproduce import count_rows
+
+    r = recipes.recipe(RECIPE_OF[on_task], synthetic=True)
+    options = r.train_options(pretrained=False)
+    for flag, value in (("--patch-image-size", str(size["image"])), *overrides):
+        options = recipes.with_option(options, flag, value)
+    for flag in drop:
+        options = recipes.without_option(options, flag)
+    data = os.path.join(data_root, on_task)
+    _, total, warmup = r.schedule(count_rows(os.path.join(data, "train.tsv")), 1, batch_size=size["batch"])
+    length = ["--max-update", str(updates), "--max-epoch", "1000"] if updates else ["--max-epoch", str(r.epochs)]
+    return [data, "--user-dir", PLUGIN, *options, *extra, "--lr", str(r.lr), "--warmup-updates", str(warmup),
+            "--total-num-update", str(total), "--batch-size", str(size["batch"]), "--required-batch-size-multiple",
+            "1", "--cpu", "--num-workers", "0", "--disable-validation", "--no-epoch-checkpoints", "--log-format",
+            "simple", "--log-interval", "50", "--seed", "1", *length]
+
+
+def train_models(data_root: str, ckpt_dir: str, size: dict, task: str = "caption", log=print) -> None:
+    """The MuE backbone, its imitation heads (backbone frozen) and the OFA-Tiny baseline, via fairseq-train,
+    each with the task's synthetic recipe.
 
     SNLI-VE models fine-tune a caption model of their arch trained with plain cross-entropy (as MuE
-    fine-tunes pretrained OFA): from scratch, in this budget, they learn only what the hypotheses'
-    wording tells and ignore the images (see scripts/demo.py)."""
-    def common(on_task, updates):
-        return [os.path.join(data_root, on_task), "--user-dir", PLUGIN, "--task", TASKS[on_task],
-                *model_args(size), "--batch-size", str(size["batch"]), "--optimizer", "adam", "--lr", "1e-3",
-                "--lr-scheduler", "inverse_sqrt", "--warmup-updates", str(max(1, updates // 10)), "--dropout", "0.1",
-                "--no-epoch-checkpoints", "--disable-validation", "--log-format", "simple", "--log-interval", "50",
-                "--seed", "1", "--max-epoch", "1000", "--max-update", str(updates)]
-
-    smoothing = "0.1" if task == "caption" else "0.0"  # as the demo's recipes (scripts/reproduce.py)
-    micro, nano = ["--arch", "mue_ofa_micro"], ["--arch", "mue_ofa_nano", "--encoder-mode", "joint"]
+    fine-tunes pretrained OFA); they still learn little beyond the hypotheses' wording (mue.benchmarks.demo)."""
     jobs, init = [], {"mue": [], "ofa_tiny": []}
     if task == "snli_ve":
-        caption_updates = sizes(tiny, "caption")["updates"]
-        for name, arch in (("pretrain_micro", micro), ("pretrain_nano", nano)):
-            jobs.append((name, common("caption", caption_updates) + arch + [
-                "--criterion", "mue", "--last-layer-only", "--label-smoothing", "0.1"]))
+        for name, arch, options in (("pretrain_micro", (), ["--last-layer-only"]), ("pretrain_nano", NANO, NANO_OPTIONS)):
+            jobs.append((name, recipe_argv(data_root, "caption", size, size["updates"], arch, extra=options)))
         init = {run: ["--finetune-from-model", os.path.join(ckpt_dir, pre, "checkpoint_last.pt")]
                 for run, pre in (("mue", "pretrain_micro"), ("ofa_tiny", "pretrain_nano"))}
+    mue_ckpt = os.path.join(ckpt_dir, "mue", "checkpoint_last.pt")
     jobs += [
-        ("mue", common(task, size["updates"]) + micro + ["--criterion", "mue", "--label-smoothing", smoothing]
-         + init["mue"]),
-        ("imitation", common(task, size["imitation_updates"]) + micro + [
-            "--criterion", "mue_imitation", "--exit-policy", "imitation",
-            "--restore-file", os.path.join(ckpt_dir, "mue", "checkpoint_last.pt"), "--reset-optimizer",
-            "--reset-dataloader", "--reset-meters", "--reset-lr-scheduler"]),
-        ("ofa_tiny", common(task, size["updates"]) + nano + ["--criterion", "mue", "--last-layer-only",
-                                                             "--label-smoothing", smoothing] + init["ofa_tiny"]),
+        ("mue", recipe_argv(data_root, task, size, size["updates"], extra=init["mue"])),
+        ("imitation", recipe_argv(
+            data_root, task, size, size["imitation_updates"], [("--criterion", "mue_imitation")],
+            drop=["--label-smoothing"], extra=["--exit-policy", "imitation", "--restore-file", mue_ckpt,
+                                               "--reset-optimizer", "--reset-dataloader", "--reset-meters",
+                                               "--reset-lr-scheduler"])),
+        ("ofa_tiny", recipe_argv(data_root, task, size, size["updates"], NANO, extra=NANO_OPTIONS + init["ofa_tiny"])),
     ]
     for name, argv in jobs:
         save = os.path.join(ckpt_dir, name)
@@ -341,7 +356,7 @@ def main(argv=None) -> int:
     from mue.evaluation.records import load_records, quality_key
     from mue.evaluation.report import render_report
 
-    size = sizes(args.tiny, args.task)
+    size = sizes(args.tiny)
     if args.task_data:
         data = args.task_data
     else:
@@ -354,7 +369,7 @@ def main(argv=None) -> int:
     gen = [*task_args, *(default_gen_args(args.task) if args.gen_args is None else shlex.split(args.gen_args))]
     ckpt_dir = args.checkpoints or os.path.join(args.out, "checkpoints")
     if args.train:
-        train_models(data_root, ckpt_dir, size, args.task, args.tiny)
+        train_models(data_root, ckpt_dir, size, args.task)
     records_dir = os.path.join(args.out, "records")
     paths = run_sweeps(data, ckpt_dir, records_dir, args.tiny, args.split, args.task, gen, args.reference_arch)
     retimed = retime_full(data, ckpt_dir, records_dir, args.split, args.task, gen)
