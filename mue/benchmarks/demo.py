@@ -27,6 +27,7 @@ Each stage is skipped when its output already exists (a second run reuses them);
 Deterministic given --seed. The sizes are in DEMO below (one place).
 """
 import argparse
+import logging
 import os
 import shutil
 import time
@@ -39,7 +40,8 @@ from mue.benchmarks.progress import Progress
 # --tiny replaces them with a smoke run (8 training images, 4 per evaluation split, 1 epoch, 2 sweep points).
 DEMO = {
     "num_train": 1000,  # training images (caption: 5 lines each; SNLI-VE: 3 hypotheses each)
-    "num_eval": 100,  # images in the valid split (threshold choice)
+    "num_eval": 300,  # images in the valid split (threshold choice; with 100, a setting at 99.1 % of the full
+    # model's CIDEr on test scored 97.5 % on dev)
     "num_test": 1000,  # images in the test split (enough for the stage comparison's interval)
     "image_size": 64,
     "scst_epochs": 1,  # caption stage 2
@@ -61,6 +63,11 @@ TASK_ORDER = ("caption", "snli_ve")
 # estimate scales by the measured pace after a minute of stages)
 EXPECTED_SECONDS = (11, 852, 207, 1, 138, 118, 12)
 PRETRAINED_RUN = "w/o layer-wise loss"  # the caption run whose model SNLI-VE fine-tunes (plain CE, like OFA)
+
+
+# The sweeps run fairseq-generate in this process; per run it logs its whole configuration and the exit table
+# the record already holds. The sweep prints one line per setting instead.
+QUIET_LOGGERS = ("fairseq_cli.generate", "fairseq.tasks.fairseq_task", "mue.tasks")
 
 
 def reproduce_argv(args, task):
@@ -118,6 +125,8 @@ def main(argv=None, root: str = "."):
     if args.fresh:
         shutil.rmtree(args.out, ignore_errors=True)
         shutil.rmtree(args.data, ignore_errors=True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
     start = time.time()
     progress = Progress(len(EXPECTED_SECONDS), None if args.tiny else EXPECTED_SECONDS)
     for task in TASK_ORDER:
