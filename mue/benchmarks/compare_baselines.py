@@ -20,12 +20,13 @@ differ only in the exit rule. Nothing is tuned per method beyond sweeping its ow
 
 CKPT_DIR holds mue/checkpoint_last.pt (backbone), imitation/checkpoint_last.pt and
 ofa_tiny/checkpoint_last.pt; --train writes them to OUT/checkpoints with fairseq-train's entry point
-(in this process), on the synthetic benchmark, each with the task's synthetic recipe (mue/recipes.py). On real data (--task-data: the task's fairseq data
-directory, e.g. OFA's COCO or SNLI-VE files) train them with scripts/train/*.sh: the MuE model, the
-imitation heads on it (--criterion mue_imitation --exit-policy imitation --restore-file MUE_CKPT
---reset-optimizer, backbone frozen), and mue_ofa_tiny fine-tuned with --last-layer-only; then compare
-with --reference-arch set to the MuE model's arch. Records go to OUT/records (an existing record is reused), the report (tables, plots)
-to OUT/report, and the comparison table below is printed and written to OUT/report/comparison.md: per
+(in this process), on the synthetic benchmark, each with the task's synthetic recipe (mue/recipes.py).
+On real data (--task-data: the task's fairseq data directory, e.g. OFA's COCO or SNLI-VE files) train
+them with scripts/train/*.sh: the MuE model, the imitation heads on it (--criterion mue_imitation
+--exit-policy imitation --restore-file MUE_CKPT --reset-optimizer, backbone frozen), and mue_ofa_tiny
+fine-tuned with --last-layer-only; then compare with --reference-arch set to the MuE model's arch.
+Records go to OUT/records (an existing record is reused), the report (tables, plots) to OUT/report,
+and the comparison table below is printed and written to OUT/report/comparison.md: per
 method and quality level, the largest expected time reduction (Eq. 14) and FLOPs reduction among its
 settings that keep that share of the full model's quality (CIDEr, or SNLI-VE accuracy), and whether
 MuE is ahead of it there.
