@@ -59,9 +59,9 @@ DEMO = {
 TASK_ORDER = ("caption", "snli_ve")
 # seconds of each stage (data, training, evaluation per task, then the report) in a measured run on 2 cores,
 # for the progress lines' estimate of the time left
-# (22 min 18 s in all on 6 December 2026, on a machine ~1.4x slower than the earlier 19 min 43 s run's; the
-# estimate scales by the measured pace after a minute of stages)
-EXPECTED_SECONDS = (11, 852, 207, 1, 138, 118, 12)
+# (17 min 52 s in all on 6 December 2026, 2 cores, nothing else running; the estimate scales by the measured
+# pace after a minute of stages)
+EXPECTED_SECONDS = (9, 614, 240, 1, 115, 79, 10)
 PRETRAINED_RUN = "w/o layer-wise loss"  # the caption run whose model SNLI-VE fine-tunes (plain CE, like OFA)
 
 
