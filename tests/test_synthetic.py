@@ -43,9 +43,22 @@ def test_same_seed_same_bytes_other_seed_differs(data, tmp_path):
 def test_split_streams_are_independent(data, tmp_path):
     root, _ = data
     generate(str(tmp_path / "more"), 1, N_TRAIN + 5, N_VALID, N_TEST, SIZE)
-    for split in ("valid", "test"):
-        rel = os.path.join("caption", f"{split}.tsv")
+    for rel in [os.path.join("caption", f"{split}.tsv") for split in ("valid", "test")] + ["dict.txt"]:
         assert open(root / rel, "rb").read() == open(tmp_path / "more" / rel, "rb").read()
+
+
+def test_the_dictionary_is_the_grammars_whatever_the_draw(data, tmp_path):
+    """Token indices must not move when a split grows or the seed changes: a bigger dev split would
+    otherwise train a different model."""
+    root, _ = data
+    generate(str(tmp_path / "other"), 5, 7, N_VALID + 9, 3, SIZE, max_objects=7, hypotheses_per_image=6)
+    assert (root / "dict.txt").read_bytes() == (tmp_path / "other" / "dict.txt").read_bytes()
+
+
+def test_a_word_missing_from_the_grammar_list_is_an_error_naming_the_text(tmp_path, monkeypatch):
+    monkeypatch.setattr(synthetic, "TEMPLATE_WORDS", [w for w in synthetic.TEMPLATE_WORDS if w != "there"])
+    with pytest.raises(ValueError, match=r"wrote '.*there.*'.*TEMPLATE_WORDS"):
+        generate(str(tmp_path / "d"), 1, 4, 2, 2, SIZE)
 
 
 def test_caption_files_read_back(data):

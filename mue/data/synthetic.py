@@ -14,7 +14,8 @@ Output (``DIR`` = --out):
   caption/{split}_refs.json       COCO-style references (images[].id, annotations[].image_id/caption)
   snli_ve/{train,valid,test}.tsv  uniq-id, image-id, base64 PNG, hypothesis, premise, label, difficulty
   scenes/{split}.jsonl            the scene graph of every image
-  dict.txt                        fairseq dict of the BPE ids of all text, prompts and answers included
+  dict.txt                        fairseq dict of the BPE ids of every word the grammar can write,
+                                  prompts and answers included (the same for any seed and split sizes)
   meta.json                       the generation settings
 ``difficulty`` (the number of objects, 1-6) is an extra final column: OFA's layout stays a prefix, so
 OFA-format readers still work, and ``mue.data.readers`` picks it up. --num-train etc. count images.
@@ -32,8 +33,8 @@ from typing import Dict, List
 import numpy as np
 from PIL import Image, ImageDraw
 
-from mue.data.tokenizer import (CAPTION_PROMPT, SNLI_VE_ANSWERS, SNLI_VE_PREMISE_PROMPT, SNLI_VE_PROMPT,
-                                normalize_text, write_dict_for_corpus)
+from mue.data.tokenizer import (SNLI_VE_PREMISE_PROMPT, SNLI_VE_PROMPT, Tokenizer, normalize_text, task_texts,
+                                write_dict_for_corpus)
 
 COLORS = {"red": (215, 40, 40), "green": (40, 160, 60), "blue": (40, 80, 215),
           "yellow": (225, 200, 30), "purple": (140, 60, 180), "orange": (240, 130, 30)}
@@ -46,6 +47,12 @@ DIRECTIONS = ("left", "right", "up", "down")
 WHEN = ("yesterday", "this morning", "last week")
 WHO = ("a child", "an artist", "a robot")
 SPLITS = ("train", "valid", "test")
+# The words the caption and hypothesis templates write besides the lists above (plus the attributes,
+# numbers and plurals `grammar_words` adds). The dictionary comes from them, not from the drawn texts,
+# so it does not change with the seed or a split's size; `generate` checks every text it writes is covered.
+TEMPLATE_WORDS = ("a an and the there is are only single group of on gray background object objects shape "
+                  "shapes colors in left right above below image shows made will move next someone drew was "
+                  "painted by hidden behind").split()
 LABELS = ("entailment", "contradiction", "neutral")
 
 
@@ -309,6 +316,29 @@ def sample_hypotheses(rng: np.random.Generator, objects: List[Obj], count: int, 
     return pairs
 
 
+# ------------------------------------------------------------------------------------------------ dictionary
+def grammar_words() -> List[str]:
+    """Every word and punctuation mark the generator can write (captions raw and normalised, hypotheses)."""
+    words = list(TEMPLATE_WORDS) + list(COLORS) + list(SHAPES) + [s + "s" for s in SHAPES] + list(SIZES)
+    words += list(NUMBERS) + list(MATERIALS) + list(FEELS) + list(DIRECTIONS)
+    words += [w for phrase in WHEN + WHO for w in phrase.split()]
+    return list(dict.fromkeys(words + [":", ","]))
+
+
+def check_covered(texts: List[str], dict_path: str) -> None:
+    """Raise if a written text has a BPE id missing from the grammar's dictionary (a template word
+    left out of TEMPLATE_WORDS): the tasks would refuse that text later, far from the cause."""
+    with open(dict_path, encoding="utf-8") as f:
+        known = {line.split()[0] for line in f if line.strip()}
+    tokenizer = Tokenizer()
+    for text in dict.fromkeys(texts):
+        for form in task_texts(text):
+            missing = [i for i in tokenizer.bpe_ids(form).split() if i not in known]
+            if missing:
+                raise ValueError(f"the synthetic grammar wrote {text!r}, whose BPE ids {missing} are not in "
+                                 f"{dict_path}: add its words to mue.data.synthetic.TEMPLATE_WORDS")
+
+
 # ------------------------------------------------------------------------------------------------ writer
 def _png_base64(img: Image.Image) -> str:
     buf = io.BytesIO()
@@ -382,9 +412,9 @@ def generate(out_dir: str, seed: int = 1, num_train: int = 1000, num_valid: int 
     for k, split in enumerate(SPLITS):
         result[split] = _write_split(out_dir, split, k, sizes[split], seed, image_size, refs_per_image,
                                      max_objects, hypotheses_per_image, texts)
-    texts += list(SNLI_VE_ANSWERS) + [CAPTION_PROMPT]
     result["dict"] = os.path.join(out_dir, "dict.txt")
-    write_dict_for_corpus(texts, result["dict"])
+    write_dict_for_corpus(grammar_words(), result["dict"])
+    check_covered(texts, result["dict"])
     result["meta"] = os.path.join(out_dir, "meta.json")
     meta = {"generator": "mue.data.synthetic", "seed": seed, "image_size": image_size,
             "refs_per_image": refs_per_image, "max_objects": max_objects, "num_images": sizes,
