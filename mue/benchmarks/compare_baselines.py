@@ -50,8 +50,9 @@ LEVELS = (0.99, 0.96, 0.9)
 ENTROPY, PATIENCE, IMITATION = "entropy (DeeBERT)", "patience (PABEE)", "imitation (DeeCap)"
 # Each rule's knob, from saving little to saving much: an entropy bound in nats, a patience in layers
 KNOBS = {"full": {"entropy": [0.25, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0], "patience": [4, 3, 2, 1]},
-         # the reproduction's (the demo's) shorter sweep
-         "short": {"entropy": [0.25, 0.5, 1.0, 2.0], "patience": [3, 2, 1]},
+         # the reproduction's (the demo's) shorter sweep: the bounds that save something (on the demo's
+         # model, H < 0.25 and 0.5 saved 0.6 % and 1.5 % of the time, patience 3 9.5 %)
+         "short": {"entropy": [1.0, 2.0, 3.0], "patience": [2, 1]},
          "tiny": {"entropy": [1.0, 4.0], "patience": [2, 1]}}
 
 
