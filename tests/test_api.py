@@ -52,22 +52,27 @@ def work(tmp_path_factory):
                           "--no-epoch-checkpoints", "--disable-validation", "--seed", "3"],
                          options.get_training_parser()))
         ckpt[folder] = save / "checkpoint_last.pt"
-    ckpt["caption_varied"] = randomized_checkpoint(ckpt["caption"], root / "caption_varied.pt", rival_eos=True)
-    ckpt["snli_ve_varied"] = randomized_checkpoint(ckpt["snli_ve"], root / "snli_ve_varied.pt")
     photos = root / "photos"
     photos.mkdir()
     reader = OfaCaptionTsv(str(data / "caption" / "test.tsv"))
     for i in range(len(reader)):
         reader[i]["image"].save(photos / f"{i}.png")
-    return {"root": root, "data": data, "ckpt": ckpt, "photos": photos,
-            "images": [str(photos / f"{i}.png") for i in range(len(reader))]}
+    images = [str(photos / f"{i}.png") for i in range(len(reader))]
+    ckpt["caption_varied"] = randomized_checkpoint(ckpt["caption"], root / "caption_varied.pt", rival_eos=images)
+    ckpt["snli_ve_varied"] = randomized_checkpoint(ckpt["snli_ve"], root / "snli_ve_varied.pt")
+    return {"root": root, "data": data, "ckpt": ckpt, "photos": photos, "images": images}
 
 
-def randomized_checkpoint(trained, path, rival_eos=False):
+# thresholds tried, in order, for one that makes the caption test a test (see `varied`)
+VARYING_THRESHOLDS = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+
+
+def randomized_checkpoint(trained, path, rival_eos=()):
     """The checkpoint with random O(1) weights (tests/ofa_reference.randomize_), so that examples exit at
-    different layers. ``rival_eos``: the </s> output row made a close rival of the most generated token, so
-    that captions end at different lengths (beam search then drops finished examples from the batch while
-    others go on)."""
+    different layers. ``rival_eos`` (image paths): the </s> output row made a close rival of the most generated
+    token, so that these images' captions end at different lengths (beam search then drops finished examples
+    from the batch while others go on). How close it must be depends on the vocabulary and the random weights:
+    the first of a few distances that gives such captions at one of VARYING_THRESHOLDS is kept."""
     from collections import Counter
 
     from ofa_reference import randomize_
@@ -79,9 +84,17 @@ def randomized_checkpoint(trained, path, rival_eos=False):
     if rival_eos:
         tokens = Counter(t for c in model.caption(model_images(), beam=2, max_len_b=6) for t in c.token_ids[:-1])
         weight = model.model.decoder.output_projection.weight
-        with torch.no_grad():
-            noise = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0))
-            weight[model.tasks["caption"].dict.eos()] = weight[tokens.most_common(1)[0][0]] + 0.3 * noise
+        rival = weight[tokens.most_common(1)[0][0]].clone()
+        noise = torch.randn(weight.shape[1], generator=torch.Generator().manual_seed(0))
+        for scale in (0.3, 0.2, 0.1, 0.05):
+            with torch.no_grad():
+                weight[model.tasks["caption"].dict.eos()] = rival + scale * noise
+            if any(varied(model.caption(list(rival_eos), batch_size=2, beam=2, max_len_b=6, no_repeat_ngram_size=3,
+                                        thresholds={"img_thres": t, "txt_thres": t, "dec_thres": t}))
+                   for t in VARYING_THRESHOLDS):
+                break
+        else:
+            raise AssertionError("no </s> rival makes the test model's exits and caption lengths differ")
     state["model"] = model.model.state_dict()
     torch.save(state, path)
     return path
@@ -155,7 +168,7 @@ def test_caption_equals_fairseq_generate_with_exits(work, one_thread):
     options = dict(beam=2, max_len_b=6, no_repeat_ngram_size=3)
     model = mue.load(work["ckpt"]["caption_varied"])
     task = model.tasks["caption"]
-    for threshold in (0.7, 0.75, 0.8, 0.85, 0.9, 0.95):  # the first that makes this a test (see `varied`)
+    for threshold in VARYING_THRESHOLDS:  # the first that makes this a test (see `varied`)
         exits = {"img_thres": threshold, "txt_thres": threshold, "dec_thres": threshold}
         results = model.caption(work["images"], batch_size=2, thresholds=exits, **options)
         if varied(results):
