@@ -63,8 +63,9 @@ def work(tmp_path_factory):
     return {"root": root, "data": data, "ckpt": ckpt, "photos": photos, "images": images}
 
 
-# thresholds tried, in order, for one that makes the caption test a test (see `varied`)
+# thresholds tried, in order, for one that makes the caption test a test (see `varied_run`), and its decoding
 VARYING_THRESHOLDS = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+VARIED_OPTIONS = dict(beam=2, max_len_b=6, no_repeat_ngram_size=3)
 
 
 def randomized_checkpoint(trained, path, rival_eos=()):
@@ -89,9 +90,7 @@ def randomized_checkpoint(trained, path, rival_eos=()):
         for scale in (0.3, 0.2, 0.1, 0.05):
             with torch.no_grad():
                 weight[model.tasks["caption"].dict.eos()] = rival + scale * noise
-            if any(varied(model.caption(list(rival_eos), batch_size=2, beam=2, max_len_b=6, no_repeat_ngram_size=3,
-                                        thresholds={"img_thres": t, "txt_thres": t, "dec_thres": t}))
-                   for t in VARYING_THRESHOLDS):
+            if varied_run(model, list(rival_eos)) is not None:
                 break
         else:
             raise AssertionError("no </s> rival makes the test model's exits and caption lengths differ")
@@ -164,17 +163,25 @@ def varied(results) -> bool:
     return len(layers) > 1 and any(a != b for a, b in zip(lengths[::2], lengths[1::2]))
 
 
+def varied_run(model, images):
+    """(thresholds, captions) at the first of VARYING_THRESHOLDS (all three thresholds alike) whose captions
+    of ``images`` in batches of two are `varied`; None when none is."""
+    for threshold in VARYING_THRESHOLDS:
+        exits = {"img_thres": threshold, "txt_thres": threshold, "dec_thres": threshold}
+        results = model.caption(images, batch_size=2, thresholds=exits, **VARIED_OPTIONS)
+        if varied(results):
+            return exits, results
+    return None
+
+
 def test_caption_equals_fairseq_generate_with_exits(work, one_thread):
-    options = dict(beam=2, max_len_b=6, no_repeat_ngram_size=3)
+    options = VARIED_OPTIONS
     model = mue.load(work["ckpt"]["caption_varied"])
     task = model.tasks["caption"]
-    for threshold in VARYING_THRESHOLDS:  # the first that makes this a test (see `varied`)
-        exits = {"img_thres": threshold, "txt_thres": threshold, "dec_thres": threshold}
-        results = model.caption(work["images"], batch_size=2, thresholds=exits, **options)
-        if varied(results):
-            break
-    else:
+    found = varied_run(model, work["images"])
+    if found is None:
         pytest.fail("no threshold makes the test model's exits and caption lengths differ between examples")
+    exits, results = found
     generated = fairseq_generate(work, "caption", work["ckpt"]["caption_varied"], "--beam", "2", "--max-len-b", "6",
                                  "--no-repeat-ngram-size", "3", "--eval-metrics", "bleu",
                                  *(f"--{k.replace('_', '-')}={v}" for k, v in exits.items()))
