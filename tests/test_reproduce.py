@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -134,11 +135,64 @@ def test_stages_take_the_recipes_with_the_command_lines_overrides():
     (["--ofa-checkpoint", "missing.pt"], "file not found"),
     (["--synthetic", "--ngpu", "2"], "CPU"),
     (["--runs", "w/o decomposition"], "must include mue"),
+    (["--synthetic", "--parallel-runs", "0"], "must be >= 1"),
+    (["--ngpu", "1", "--parallel-runs", "2"], "take turns"),
 ])
 def test_bad_combinations_are_refused(argv, message, capsys):
     with pytest.raises(SystemExit):
         reproduce.parse_args(["--task", "snli_ve", "--data", "d", "--out", "o", *argv])
     assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------- runs side by side
+def fake_training(monkeypatch, tmp_path, *argv, fail=None, barrier=None):
+    """reproduce's args for the synthetic caption runs, with run_logged replaced by a fake that records
+    each command's threads and tag and writes the checkpoint (or fails for the run ``fail``)."""
+    data = tmp_path / "data"
+    (data / "caption").mkdir(parents=True)
+    (data / "caption" / "train.tsv").write_text("row\n" * 64)
+    calls = []
+
+    def run_logged(cmd, log_path, threads=None, tag=""):
+        save_dir = cmd[cmd.index("--save-dir") + 1]
+        calls.append({"tag": tag, "threads": threads, "save_dir": save_dir})
+        if barrier is not None:
+            barrier.wait()  # both runs must be in training at once to get past this
+        if fail and "--last-layer-only" in cmd:
+            raise SystemExit(f"command failed (exit 1); see {log_path}")
+        open(os.path.join(save_dir, "checkpoint_last.pt"), "w").close()
+
+    monkeypatch.setattr(reproduce, "run_logged", run_logged)
+    args, extra = reproduce.parse_args(["--task", "caption", "--synthetic", "--data", str(data), "--out",
+                                        str(tmp_path / "out"), "--runs", "mue", "w/o layer-wise loss", *argv])
+    return args, extra, calls
+
+
+def test_parallel_runs_train_side_by_side_with_a_share_of_the_threads(monkeypatch, tmp_path):
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    args, extra, calls = fake_training(monkeypatch, tmp_path, "--parallel-runs", "2",
+                                       barrier=threading.Barrier(2, timeout=30))
+    ckpts = reproduce.train_runs(args, extra)
+    assert list(ckpts) == ["mue", "w/o layer-wise loss"]  # the runs' order, whichever ended first
+    for run, paths in ckpts.items():
+        assert paths == [os.path.join(reproduce.run_folder(args.out, "caption", run), "checkpoint_last.pt")]
+        assert os.path.exists(paths[0])
+    assert sorted((c["tag"], c["threads"]) for c in calls) == [("mue", 2), ("w/o layer-wise loss", 2)]
+
+
+def test_runs_take_turns_with_the_inherited_threads_by_default(monkeypatch, tmp_path):
+    args, extra, calls = fake_training(monkeypatch, tmp_path)
+    reproduce.train_runs(args, extra)
+    assert [(c["tag"], c["threads"]) for c in calls] == [("", None), ("", None)]
+    assert [os.path.basename(c["save_dir"]) for c in calls] == ["mue_caption_mue", "mue_caption_lastlayer"]
+
+
+def test_a_failing_run_beside_another_is_named_and_stops_the_task(monkeypatch, tmp_path, capsys):
+    args, extra, calls = fake_training(monkeypatch, tmp_path, "--parallel-runs", "2", fail=True)
+    with pytest.raises(SystemExit, match="command failed"):
+        reproduce.train_runs(args, extra)
+    assert "[w/o layer-wise loss] failed: command failed" in capsys.readouterr().out
+    assert os.path.exists(os.path.join(reproduce.run_folder(args.out, "caption", "mue"), "checkpoint_last.pt"))
 
 
 # ------------------------------------------------------------------------------------ end to end
