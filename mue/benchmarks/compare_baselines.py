@@ -262,12 +262,13 @@ def comparison_table(records: Sequence[dict], task: str = "caption", levels: Seq
     by each criterion, MuE or the baseline. `retimed`: retime_full's ratio (widens the speedup tie)."""
     tie = max(SPEEDUP_TIE, abs(1.0 - retimed)) if retimed is not None else SPEEDUP_TIE
     from mue.evaluation.records import find_baseline, quality_key, tradeoff_rows
+    from mue.evaluation.tables import SINGLE_TIMING
 
     rows = tradeoff_rows(records, task)
     q_full = float(find_baseline(records, task)["metrics"][quality_key(task)])
     runs = [r for r in dict.fromkeys(row["record"]["run"] for row in rows) if r != FULL]
     runs.sort(key=lambda name: name != MUE)
-    head = ["method", f"kept {quality_key(task)}", "time red. (%)", "FLOPs red. (%)", "speedup (x)",
+    head = ["method", f"kept {quality_key(task)}", "time red. (%)", "FLOPs red. (%)", SINGLE_TIMING,
             "setting (largest time red.)", "ahead: time red. / FLOPs / speedup"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in runs:

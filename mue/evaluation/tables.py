@@ -8,7 +8,7 @@ from .records import (NoSettingMeetsTarget, etr_of, find_baseline, format_thresh
                       quality_of, record_name, select_for_target, task_records, tradeoff_rows,
                       with_defaults)
 
-__all__ = ["markdown", "fmt", "pct", "tradeoff_table", "decomposition_table", "target_table", "ablation_table",
+__all__ = ["SINGLE_TIMING", "markdown", "fmt", "pct", "tradeoff_table", "decomposition_table", "target_table", "ablation_table",
            "flops_breakdown_table"]
 
 #: the FLOP components that exits can skip: the encoder streams' layers and the decoder's layers
@@ -40,6 +40,11 @@ def _subset_note(recs: Sequence[dict]) -> str:
     return ("\n\nNote: evaluated on part of the split only: " + "; ".join(partial)) if partial else ""
 
 
+# Header of the speed-up columns filled from sweep records: each is one wall-clock timing of one setting
+# (mue.benchmarks.timed_settings gives medians of repeated rounds, in their own section)
+SINGLE_TIMING = "speedup (x, one timing)"
+
+
 def tradeoff_table(records: Sequence[dict], task: str, baseline_run: str = "full",
                    quality: Optional[str] = None, split: Optional[str] = None) -> str:
     """Markdown: quality vs cost per record (``records.tradeoff_rows``); ``*`` marks the Pareto front; "% of
@@ -49,7 +54,7 @@ def tradeoff_table(records: Sequence[dict], task: str, baseline_run: str = "full
     intervals = interval_cells([r["record"] for r in rows],
                                find_baseline(task_records(records, task, split), task, baseline_run), key)
     headers = ["run", "thresholds", key, "% of full", "95 % interval", "time red. (%)", "FLOPs red. (%)",
-               "speedup (x)", "image L", "text L", "decoder L", "Pareto"]
+               SINGLE_TIMING, "image L", "text L", "decoder L", "Pareto"]
     body = [[r["record"]["run"], format_thresholds(r["record"]["thresholds"]), fmt(r["quality"]),
              pct(r["quality_ratio"]), interval, pct(r["etr"]), pct(r["flops_reduction"]),
              fmt(r["speedup"], "{:.2f}"), fmt(r["image_layers"], "{:.2f}"),
@@ -93,7 +98,7 @@ def target_table(dev_records: Sequence[dict], test_records: Sequence[dict], task
     its test quality and cost. A target no dev setting reaches gets a row saying so."""
     key = quality_key(task, quality)
     headers = ["target (%)", "run", "thresholds", f"dev {key} (% of full)", f"test {key}",
-               "test % of full", "time red. (%)", "FLOPs red. (%)", "speedup (x)"]
+               "test % of full", "time red. (%)", "FLOPs red. (%)", SINGLE_TIMING]
     body = []
     for t in targets:
         try:
