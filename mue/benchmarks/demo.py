@@ -63,9 +63,10 @@ DEMO = {
 TASK_ORDER = ("caption", "snli_ve")
 # seconds of each stage (data, training, evaluation per task, then the report) in a measured run on 2 cores,
 # for the progress lines' estimate of the time left
-# (21 min 07 s in all on the evening of 6 December 2026, 2 cores, nothing else running; the same work had
-# taken 20 min 21 s an hour before; the estimate scales by the measured pace after a minute of stages)
-EXPECTED_SECONDS = (11, 770, 278, 0, 113, 85, 10)
+# (16 min 47 s in all, late on 6 December 2026, 2 cores, nothing else running, the caption runs side by side;
+# one after the other they had taken 20 min 21 s and 21 min 07 s that evening; the estimate scales by the
+# measured pace after a minute of stages)
+EXPECTED_SECONDS = (11, 524, 252, 0, 121, 81, 10)
 PRETRAINED_RUN = "w/o layer-wise loss"  # the caption run whose model SNLI-VE fine-tunes (plain CE, like OFA)
 
 

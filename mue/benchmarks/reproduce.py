@@ -217,7 +217,7 @@ def cpu_threads() -> int:
 def train_runs(args, extra: Sequence[str]) -> Dict[str, List[str]]:
     """{run: its stages' checkpoints} for every run of args.runs (train_run), --parallel-runs of them side by
     side, each with an equal share of the CPU threads. On a small CPU two one-thread trainings at once get
-    more done than one two-thread training after the other (on 2 cores: 1.4x)."""
+    more done than one two-thread training after the other (1.4x the throughput, measured once on 2 cores)."""
     jobs = min(args.parallel_runs, len(args.runs))
     if jobs <= 1:
         return {run: train_run(args, run, extra) for run in args.runs}
