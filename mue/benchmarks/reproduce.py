@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="sentences per process and step (default 8 real, 32 synthetic)")
     p.add_argument("--effective-batch", type=int, help="real data: sentences per update over all processes "
                    "(default 64; --update-freq follows)")
-    p.add_argument("--lr", type=float, help="learning rate (default: the paper's; synthetic 1e-3)")
+    p.add_argument("--lr", type=float, help="learning rate (default: the recipe's, mue/recipes.py)")
     p.add_argument("--eval-batch-size", type=int, default=50)
     p.add_argument("--forced-depth", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate MuE's model cut to K = 1..L-1 layers on test (the report's forced-depth table)")

@@ -15,7 +15,7 @@
 # (--drop-worst-ratio 0.2 --drop-worst-after 6000).
 # The best checkpoint (by validation CIDEr) is SAVE_DIR/checkpoint_best.pt: the input of caption_stage2.sh.
 # --synthetic: the recipe's CPU version (what `make demo` trains), mue_ofa_micro from scratch on a synthetic
-# benchmark (generated into DATA_DIR if missing), 64 px, lr 1e-3, 3 epochs, batch 32, validation beam 2, no
+# benchmark (generated into DATA_DIR if missing), 64 px, lr 3e-4, 3 epochs, batch 32, validation beam 2, no
 # drop-worst, and the token embeddings train: --freeze-embeddings keeps pretrained (OFA) embeddings, and the
 # embedding is tied to the output projection, so frozen from scratch it would stay a random output layer.
 # Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, WARMUP_RATIO, SYN_NUM_* (see common.sh).
