@@ -37,7 +37,7 @@ from mue.benchmarks import reproduce
 from mue.benchmarks.progress import Progress
 
 # The demo's sizes (tuned for the 20-minute budget on a 2-core CPU); its hyper-parameters are the synthetic
-# recipes of mue/recipes.py (caption 3 epochs then 1 of stage 2, SNLI-VE 3; batch 32; lr 1e-3, stage 2 1e-4).
+# recipes of mue/recipes.py (caption 3 epochs then 1 of stage 2, SNLI-VE 3; batch 32; lr: caption stage 1 3e-4, stage 2 1e-4, SNLI-VE 1e-3).
 # --tiny replaces them with a smoke run (8 training images, 4 per evaluation split, 1 epoch, 2 sweep points).
 DEMO = {
     "num_train": 1000,  # training images (caption: 5 lines each; SNLI-VE: 3 hypotheses each)
@@ -63,10 +63,9 @@ DEMO = {
 TASK_ORDER = ("caption", "snli_ve")
 # seconds of each stage (data, training, evaluation per task, then the report) in a measured run on 2 cores,
 # for the progress lines' estimate of the time left
-# (16 min 47 s in all, late on 6 December 2026, 2 cores, nothing else running, the caption runs side by side;
-# one after the other they had taken 20 min 21 s and 21 min 07 s that evening; the estimate scales by the
-# measured pace after a minute of stages)
-EXPECTED_SECONDS = (11, 524, 252, 0, 121, 81, 10)
+# (16 min 29 s in all on 7 December 2026, 2 cores, nothing else running, the caption runs side by side;
+# the estimate scales by the measured pace after a minute of stages)
+EXPECTED_SECONDS = (12, 520, 242, 0, 115, 83, 10)
 PRETRAINED_RUN = "w/o layer-wise loss"  # the caption run whose model SNLI-VE fine-tunes (plain CE, like OFA)
 
 
