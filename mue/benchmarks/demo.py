@@ -37,7 +37,8 @@ from mue.benchmarks import reproduce
 from mue.benchmarks.progress import Progress
 
 # The demo's sizes (tuned for the 20-minute budget on a 2-core CPU); its hyper-parameters are the synthetic
-# recipes of mue/recipes.py (caption 3 epochs then 1 of stage 2, SNLI-VE 3; batch 32; lr: caption stage 1 3e-4, stage 2 1e-4, SNLI-VE 1e-3).
+# recipes of mue/recipes.py (caption 3 epochs then 1 of stage 2, SNLI-VE 3; batch 32; lr 3e-4 for caption stage 1,
+# 1e-4 for stage 2, 1e-3 for SNLI-VE).
 # --tiny replaces them with a smoke run (8 training images, 4 per evaluation split, 1 epoch, 2 sweep points).
 DEMO = {
     "num_train": 1000,  # training images (caption: 5 lines each; SNLI-VE: 3 hypotheses each)
@@ -78,8 +79,8 @@ def reproduce_argv(args, task):
     """mue.benchmarks.reproduce's command line for one task of the demo."""
     argv = ["--task", task, "--synthetic", "--data", args.data, "--out", args.out, "--seed", str(args.seed),
             "--num-train", str(args.num_train), "--num-eval", str(args.num_eval), "--num-test", str(args.num_test),
-            "--image-size", str(args.image_size), "--eval-batch-size", str(args.eval_batch_size), "--parallel-runs", str(DEMO["parallel_runs"][task]),
-            "--runs", *(args.runs or DEMO["runs"][task])]
+            "--image-size", str(args.image_size), "--eval-batch-size", str(args.eval_batch_size),
+            "--parallel-runs", str(DEMO["parallel_runs"][task]), "--runs", *(args.runs or DEMO["runs"][task])]
     for flag, value in (("--batch-size", args.batch_size), ("--lr", args.lr)):
         if value is not None:  # else the recipe's
             argv += [flag, str(value)]
