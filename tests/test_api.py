@@ -64,7 +64,7 @@ def work(tmp_path_factory):
 
 
 # thresholds tried, in order, for one that makes the caption test a test (see `varied_run`), and its decoding
-VARYING_THRESHOLDS = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+VARYING_THRESHOLDS = (0.7, 0.75, 0.8, 0.825, 0.85, 0.875, 0.9, 0.925, 0.95)
 VARIED_OPTIONS = dict(beam=2, max_len_b=6, no_repeat_ngram_size=3)
 
 

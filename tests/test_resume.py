@@ -127,11 +127,10 @@ def test_truncated_checkpoint_last_resumes_from_the_newest_intact_checkpoint(dat
         resumed = train(data, tmp_path / "ab", max_update=6)
     restart = loads[-1]
     assert not restart["file"].endswith("checkpoint_last.pt"), "resumed from the damaged file"
-    chosen = torch.load(restart["file"], map_location="cpu")
-    assert chosen["optimizer_history"][-1]["num_updates"] == 4, f"{restart['file']} is not the newest intact one"
+    # the state as loaded (the file itself may be overwritten since, e.g. checkpoint_best.pt by a better update)
+    assert restart["num_updates"] == 4, f"{restart['file']} is not the newest intact one"
     warning = next(r.getMessage() for r in caplog.records if "is damaged" in r.getMessage())
     assert str(last) in warning and restart["file"] in warning, warning
-    assert restart["num_updates"] == 4
     uninterrupted = train(data, tmp_path / "c", max_update=6)
     assert_same_tensors(resumed["model"], uninterrupted["model"], "model after damaged-last resume vs 6 updates")
     assert_same_adam_state(resumed["last_optimizer_state"], uninterrupted["last_optimizer_state"],
