@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 
 from mue.errors import OptionError
+from mue.evaluation.tables import SINGLE_TIMING
 from mue.exiting.accounting import account, arch_sizes, model_sizes, new_stats
 from mue.exiting.baselines import (CosineDecoderExit, EntropyDecoderExit, ImitationDecoderExit, ImitationHeads,
                                    PatienceDecoderExit, attach_imitation_heads, make_decoder_rule,
                                    prediction_entropy)
-from mue.evaluation.tables import SINGLE_TIMING
 from mue.exiting.config import exit_config
 from mue.exiting.flops import imitation_head_flops, output_projection_flops
 from mue.exiting.settings import ExitSettings

@@ -8,8 +8,8 @@ from .records import (NoSettingMeetsTarget, etr_of, find_baseline, format_thresh
                       quality_of, record_name, select_for_target, task_records, tradeoff_rows,
                       with_defaults)
 
-__all__ = ["SINGLE_TIMING", "markdown", "fmt", "pct", "tradeoff_table", "decomposition_table", "target_table", "ablation_table",
-           "flops_breakdown_table"]
+__all__ = ["SINGLE_TIMING", "markdown", "fmt", "pct", "tradeoff_table", "decomposition_table", "target_table",
+           "ablation_table", "flops_breakdown_table"]
 
 #: the FLOP components that exits can skip: the encoder streams' layers and the decoder's layers
 EXITABLE = ("encoder_image", "encoder_text", "decoder_layers")
