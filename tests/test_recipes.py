@@ -137,6 +137,14 @@ def test_bad_requests_are_refused(argv, message):
     assert out.returncode == 2 and message in out.stderr, out.stderr
 
 
+def test_option_value_reads_a_flag_and_refuses_a_missing_one():
+    options = recipes.recipe("caption_stage2").options
+    assert recipes.option_value(options, "--scst-samples") == "5"
+    assert recipes.option_value(recipes.with_option(options, "--scst-ce-weight", "0.3"), "--scst-ce-weight") == "0.3"
+    with pytest.raises(KeyError, match="--freeze-embeddings is not an option"):
+        recipes.option_value(options, "--freeze-embeddings")
+
+
 def test_without_option_removes_a_flag_and_its_value_and_refuses_a_missing_one():
     options = recipes.recipe("caption_stage1", synthetic=True).train_options(pretrained=False)
     kept = recipes.without_option(options, "--label-smoothing")

@@ -17,10 +17,10 @@
 # Training references: SCST_REFS (default SAVE_DIR/train_refs.sqlite), a reference store looked up per
 # batch; built from train.tsv at the first step when missing (or ahead, with
 # `python -m mue.data.reference_store build-refs DATA_DIR/train.tsv --out FILE`), rebuilt if train.tsv changed.
-# SCST_CE_WEIGHT (default 0: plain SCST, as the reference run) adds that much of MuE's layer-wise
-# cross-entropy on the ground truth, to keep every decoder layer a usable exit.
+# SCST_CE_WEIGHT (default 0: plain SCST, as the reference run; --synthetic 0.5) adds that much of MuE's
+# layer-wise cross-entropy on the ground truth, to keep every decoder layer a usable exit.
 # --synthetic: the recipe's CPU version (what `make demo` trains), mue_ofa_micro on a synthetic benchmark
-# (generated into DATA_DIR if missing), 64 px, CPU, lr 1e-4, 1 epoch, batch 32; from scratch, or from
+# (generated into DATA_DIR if missing), 64 px, CPU, lr 3e-5, 1 epoch, batch 32; from scratch, or from
 # FINETUNE_FROM (e.g. a synthetic stage-1 checkpoint_best.pt) when set.
 # Its token embeddings train (no --freeze-embeddings): the chain starts from scratch, not from OFA's weights.
 # Environment: NGPU, BATCH_SIZE, EFFECTIVE_BATCH, EPOCHS, LR, WARMUP_RATIO, SYN_NUM_* (see common.sh), CIDER_DF,
