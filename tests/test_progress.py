@@ -34,6 +34,18 @@ def test_a_short_first_stage_does_not_set_the_pace():
     assert p.line("train") == "==> stage 2 of 2: train  (elapsed 0 min 05 s, about 10 min 00 s left)"
 
 
+def test_reused_stages_do_not_set_the_pace():
+    clock = Clock()
+    p = Progress(4, expected=[10, 500, 200, 100], clock=clock)
+    p.line("data")
+    clock.now += 0.2  # data and training reused (a second run after deleting the evaluations)
+    p.line("train")
+    clock.now += 2
+    assert p.line("evaluate") == "==> stage 3 of 4: evaluate  (elapsed 0 min 02 s, about 5 min 00 s left)"
+    clock.now += 400  # evaluation ran, twice as slow as measured: the rest is expected to as well
+    assert p.line("report") == "==> stage 4 of 4: report  (elapsed 6 min 42 s, about 3 min 20 s left)"
+
+
 def test_without_expected_durations_only_elapsed_is_shown():
     clock = Clock()
     p = Progress(2, clock=clock)
