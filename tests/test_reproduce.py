@@ -123,7 +123,8 @@ def test_stages_take_the_recipes_with_the_command_lines_overrides():
         r = recipes.recipe(name, synthetic=True)
         assert st.recipe == r and "--disable-validation" in st.options and "--freeze-embeddings" not in st.options
     # without --scst-ce-weight each stage 2 keeps its recipe's weight (the synthetic one keeps half the CE)
-    synthetic_weight = recipes.option_value(recipes.recipe("caption_stage2", synthetic=True).options, "--scst-ce-weight")
+    synthetic_recipe = recipes.recipe("caption_stage2", synthetic=True)
+    synthetic_weight = recipes.option_value(synthetic_recipe.options, "--scst-ce-weight")
     assert recipes.option_value(demo[1].options, "--scst-ce-weight") == synthetic_weight != "0.0"
     plain = made("--task", "caption", "--ngpu", "0")
     assert recipes.option_value(plain[1].options, "--scst-ce-weight") == "0.0"
