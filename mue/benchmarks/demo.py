@@ -65,10 +65,9 @@ DEMO = {
 TASK_ORDER = ("caption", "snli_ve")
 # seconds of each stage (data, training, evaluation per task, then the report) in a measured run on 2 cores,
 # for the progress lines' estimate of the time left
-# (18 min 56 s in all on 7 December 2026, 2 cores, nothing else running, the caption runs side by side; the
-# evaluations again without a since-dropped sweep setting: 18 min 09 s; the estimate scales by the measured
-# pace after a minute of stages)
-EXPECTED_SECONDS = (13, 574, 257, 0, 122, 111, 12)
+# (18 min 25 s in all on 7 December 2026, 2 cores, nothing else running, the caption runs side by side; the
+# estimate scales by the measured pace after a minute of stages)
+EXPECTED_SECONDS = (11, 520, 290, 0, 134, 136, 14)
 PRETRAINED_RUN = "w/o layer-wise loss"  # the caption run whose model SNLI-VE fine-tunes (plain CE, like OFA)
 
 
