@@ -142,30 +142,31 @@ def recipe(name: str, synthetic: bool = False) -> Recipe:
     return RECIPES[name]["synthetic" if synthetic else "real"]
 
 
+def _flag_index(options: Sequence[str], flag: str) -> int:
+    """Where ``flag`` stands in ``options``; a KeyError naming it when the recipe has no such option."""
+    if flag not in options:
+        raise KeyError(f"{flag} is not an option of this recipe")
+    return list(options).index(flag)
+
+
 def with_option(options: Sequence[str], flag: str, value: str) -> List[str]:
     """``options`` with ``flag``'s value replaced (the flag must be there), so a launcher's override is
     given once rather than appended after the recipe's."""
     options = list(options)
-    if flag not in options:
-        raise KeyError(f"{flag} is not an option of this recipe")
-    options[options.index(flag) + 1] = value
+    options[_flag_index(options, flag) + 1] = value
     return options
 
 
 def option_value(options: Sequence[str], flag: str) -> str:
     """``flag``'s value in ``options`` (the flag must be there)."""
-    if flag not in options:
-        raise KeyError(f"{flag} is not an option of this recipe")
-    return options[list(options).index(flag) + 1]
+    return options[_flag_index(options, flag) + 1]
 
 
 def without_option(options: Sequence[str], flag: str) -> List[str]:
     """``options`` without ``flag`` and its value (the flag must be there): for a run whose loss has no use
     for it (e.g. --label-smoothing under another criterion)."""
     options = list(options)
-    if flag not in options:
-        raise KeyError(f"{flag} is not an option of this recipe")
-    i = options.index(flag)
+    i = _flag_index(options, flag)
     return options[:i] + options[i + 2:]
 
 
